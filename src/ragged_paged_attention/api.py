@@ -1,0 +1,170 @@
+"""ragged_page_attention_v2: validate -> choose implementation -> call."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from . import tuning
+from .reference import ragged_paged_attention_xla
+from .validate import RaggedPagedAttentionError, check_static, check_values, is_concrete, sink_logits
+
+
+def _use_triton(implementation: str) -> bool:
+    if implementation == "xla":
+        return False
+    if implementation == "triton":
+        return True
+    if implementation != "auto":
+        raise RaggedPagedAttentionError(f"implementation must be 'auto', 'triton' or 'xla', got {implementation!r}")
+    if jax.default_backend() != "gpu":
+        return False
+    return "rocm" not in jax.devices()[0].client.platform_version.lower()
+
+
+def _kv_scales(kv_pages, k_scale, v_scale):
+    if jnp.dtype(kv_pages.dtype) != jnp.dtype(jnp.float8_e4m3fn):
+        return None
+    ks = 1.0 if k_scale is None else k_scale
+    vs = 1.0 if v_scale is None else v_scale
+    return jnp.stack([jnp.asarray(ks, jnp.float32).reshape(()), jnp.asarray(vs, jnp.float32).reshape(())])
+
+
+def ragged_page_attention_v2(
+    queries: Float[Array, "total_tokens num_q_heads head_dim"],
+    kv_pages: Float[Array, "num_pages page_size num_combined_kv_heads head_dim"],
+    context_lens: Int[Array, "max_num_seqs"],
+    block_tables: Int[Array, "max_num_seqs pages_per_seq"],
+    query_start_loc: Int[Array, "max_num_seqs_plus_one"],
+    num_seqs: Int[Array, ""] | int,
+    *,
+    softmax_scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    compute_dtype=jnp.bfloat16,
+    optimized: bool = False,
+    sliding_window: int | None = None,
+    softmax_aux: Float[Array, "..."] | None = None,
+    mask_value: float | None = None,
+    num_kv_pages_per_block: int | None = None,
+    num_queries_per_block: int | None = None,
+    vmem_limit_bytes: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    k_scale: float | Float[Array, ""] | None = None,
+    v_scale: float | Float[Array, ""] | None = None,
+    implementation: Literal["auto", "triton", "xla"] = "auto",
+    check_inputs: bool = True,
+) -> Float[Array, "total_tokens num_q_heads head_dim"]:
+    """Attention of a ragged batch of query chunks over a paged, interleaved KV cache.
+
+    Sequence ``i < num_seqs`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]`` and the
+    first ``context_lens[i]`` tokens of its cache; its queries are the *last* ``q_len_i`` tokens, so
+    query row ``j`` sits at position ``context_lens[i] - q_len_i + j`` and sees keys ``t <= p``
+    (and ``t > p - sliding_window`` when a window is set). Token ``t`` lives in page
+    ``block_tables[i, t // page_size]``, slot ``t % page_size``; the key of KV head ``h`` is
+    ``kv_pages[page, slot, 2h]`` and its value ``kv_pages[page, slot, 2h + 1]``. Query head ``q``
+    reads KV head ``q // (num_q_heads // num_kv_heads)``.
+
+    Args:
+      queries: [total_tokens, num_q_heads, head_dim], float32/bfloat16/float16.
+      kv_pages: [num_pages, page_size, 2 * num_kv_heads, head_dim], K/V interleaved on axis 2
+        (float32/bfloat16/float16, or float8_e4m3fn with ``k_scale``/``v_scale``).
+      context_lens: int32 [max_num_seqs], KV length of each sequence, new tokens included.
+      block_tables: int32 [max_num_seqs, pages_per_seq]; entries past the pages a sequence uses
+        are never read and may hold anything.
+      query_start_loc: int32 [max_num_seqs + 1], cumulative query offsets.
+      num_seqs: number of live sequences (Python int or int32 scalar, may be traced).
+      softmax_scale: logit scale, default ``1/sqrt(head_dim)``.
+      logits_soft_cap: if set, ``s = cap * tanh(s / cap)`` after scaling.
+      compute_dtype: dtype q, k, v (and the probabilities) are cast to for the matrix products;
+        accumulation is always float32.
+      optimized: accepted for compatibility; the fast path is always taken.
+      sliding_window: a query sees the last ``sliding_window`` keys, itself included.
+      softmax_aux: attention sinks: shape [num_q_heads], [num_sinks] (shared by all heads), or
+        [num_q_heads or num_kv_heads, num_sinks]; each sink adds ``exp(aux - m)`` to the
+        softmax denominator only.
+      mask_value: accepted for compatibility. Masked keys are excluded exactly (weight 0), which
+        is what the default value gives; any value is accepted but does not change the result.
+      num_kv_pages_per_block: KV pages per inner tile.
+      num_queries_per_block: query tokens per tile.
+      vmem_limit_bytes: TPU-only; raises NotImplementedError.
+      num_warps, num_stages: Triton launch parameters (ignored by the pure-JAX path).
+      k_scale, v_scale: per-tensor dequantisation scales of a float8_e4m3fn cache (default 1).
+      implementation: "auto" (Triton on NVIDIA GPUs, pure JAX elsewhere), "triton" or "xla".
+      check_inputs: run the value checks (index ranges, q_len <= kv_len, ...) when the index
+        arrays are concrete. Traced calls always skip them; see ``check_inputs()``.
+
+    Returns:
+      [total_tokens, num_q_heads, head_dim] in the dtype of ``queries``; rows owned by no
+      sequence are zero.
+
+    Raises:
+      RaggedPagedAttentionError (a ValueError and an AssertionError): bad shapes, dtypes,
+        options, or (concrete inputs) bad index values.
+      NotImplementedError: ``vmem_limit_bytes`` was given.
+    """
+    del optimized  # one fast path
+    if vmem_limit_bytes is not None:
+        raise NotImplementedError(
+            "vmem_limit_bytes is a TPU (Pallas) setting; this library runs Triton kernels on NVIDIA "
+            "GPUs and pure JAX elsewhere, so it has no meaning here. Leave it as None."
+        )
+    dims = check_static(
+        queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs,
+        softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap, compute_dtype=compute_dtype,
+        sliding_window=sliding_window, softmax_aux=softmax_aux, mask_value=mask_value,
+        num_kv_pages_per_block=num_kv_pages_per_block, num_queries_per_block=num_queries_per_block,
+        num_warps=num_warps, num_stages=num_stages, k_scale=k_scale, v_scale=v_scale,
+    )
+    if check_inputs and all(is_concrete(x) for x in (context_lens, block_tables, query_start_loc, num_seqs)):
+        check_values(context_lens, block_tables, query_start_loc, num_seqs, dims)
+
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dims.head_dim)
+    cap = None if logits_soft_cap is None else float(logits_soft_cap)
+    window = None if sliding_window is None else int(sliding_window)
+    sinks = None if softmax_aux is None else sink_logits(softmax_aux, dims.num_q_heads, dims.num_kv_heads)
+    scales = _kv_scales(kv_pages, k_scale, v_scale)
+    num_seqs_arr = jnp.asarray(num_seqs, jnp.int32).reshape(())
+    cdt = jnp.dtype(compute_dtype)
+
+    if _use_triton(implementation):
+        from . import jax_launch  # jax-triton imports only where jaxlib has CUDA
+
+        return jax_launch.ragged_paged_attention_triton(
+            queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs_arr, sinks, scales,
+            softmax_scale=scale, logits_soft_cap=cap, sliding_window=window, compute_dtype=cdt,
+            num_kv_pages_per_block=num_kv_pages_per_block, num_queries_per_block=num_queries_per_block,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    cfg = tuning.xla_config(dims, num_queries_per_block, num_kv_pages_per_block)
+    return ragged_paged_attention_xla(
+        queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs_arr, sinks, scales,
+        softmax_scale=scale, logits_soft_cap=cap, sliding_window=window, compute_dtype=cdt,
+        block_q=cfg.block_q, pages_per_tile=cfg.pages_per_tile,
+    )
+
+
+def check_inputs(
+    queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, **options
+) -> None:
+    """Run every static and value check of ``ragged_page_attention_v2`` on concrete inputs.
+
+    Use it before jitting a step (a traced call can only check shapes and dtypes). Raises
+    RaggedPagedAttentionError naming the first problem found; returns None when all is well.
+    """
+    options.pop("optimized", None)
+    options.pop("implementation", None)
+    options.pop("check_inputs", None)
+    if options.pop("vmem_limit_bytes", None) is not None:
+        raise NotImplementedError("vmem_limit_bytes is a TPU (Pallas) setting and has no meaning here")
+    for name, x in (("context_lens", context_lens), ("block_tables", block_tables),
+                    ("query_start_loc", query_start_loc), ("num_seqs", num_seqs)):
+        if not is_concrete(x):
+            raise RaggedPagedAttentionError(f"check_inputs needs concrete arrays, but {name} is traced")
+    dims = check_static(queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, **options)
+    check_values(context_lens, block_tables, query_start_loc, num_seqs, dims)

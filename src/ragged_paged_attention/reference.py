@@ -1,0 +1,142 @@
+"""Pure-JAX ragged paged attention: the CPU/TPU path and the oracle the kernels are tested against.
+
+It walks the batch the way the Triton kernel does: the flat query axis is cut into query blocks
+(each inside one sequence), and each block streams its sequence's KV pages tile by tile with an
+online softmax, so memory stays at one [block, tile] score tile per block in flight, never
+[total_tokens, max_kv_len].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Finite stand-in for -inf in the running max: exp(NEG - m) underflows to 0 and NEG - NEG is 0, not NaN.
+NEG = -2.381976426469702e38
+
+
+def block_layout(query_start_loc, num_seqs, max_num_seqs: int, block_q: int):
+    """First query-block slot of every sequence: seq i owns slots [fb[i], fb[i+1]).
+
+    fb[i] = qsl[i] // block_q + i leaves each sequence at least cdiv(q_len_i, block_q) slots and
+    needs at most total_tokens // block_q + max_num_seqs slots for the whole batch, a bound that
+    depends on shapes only (so the grid never depends on values).
+    """
+    idx = jnp.arange(max_num_seqs + 1, dtype=jnp.int32)
+    fb = query_start_loc.astype(jnp.int32) // block_q + idx
+    # Slots of sequences at or past num_seqs are never claimed.
+    return jnp.where(idx <= num_seqs, fb, jnp.iinfo(jnp.int32).max)
+
+
+def num_query_blocks(total_tokens: int, max_num_seqs: int, block_q: int) -> int:
+    return total_tokens // block_q + max_num_seqs
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("softmax_scale", "logits_soft_cap", "sliding_window", "compute_dtype",
+                     "block_q", "pages_per_tile", "map_batch"),
+)
+def ragged_paged_attention_xla(
+    queries,          # [total_tokens, num_q_heads, head_dim]
+    kv_pages,         # [num_pages, page_size, 2 * num_kv_heads, head_dim]
+    context_lens,     # [max_num_seqs] int32
+    block_tables,     # [max_num_seqs, pages_per_seq] int32
+    query_start_loc,  # [max_num_seqs + 1] int32
+    num_seqs,         # [] int32
+    sinks,            # [num_q_heads] float32 or None: one sink logit per query head
+    kv_scales,        # [2] float32 (k_scale, v_scale) or None
+    *,
+    softmax_scale: float,
+    logits_soft_cap: float | None,
+    sliding_window: int | None,
+    compute_dtype,
+    block_q: int,
+    pages_per_tile: int,
+    map_batch: int = 8,
+):
+    total_tokens, num_q_heads, head_dim = queries.shape
+    num_pages, page_size, num_combined, _ = kv_pages.shape
+    num_kv_heads = num_combined // 2
+    group = num_q_heads // num_kv_heads
+    max_num_seqs, pages_per_seq = block_tables.shape
+    tile = pages_per_tile * page_size
+    cdt = jnp.dtype(compute_dtype)
+
+    num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
+    qsl = query_start_loc.astype(jnp.int32)
+    ctx = context_lens.astype(jnp.int32)
+    # Pad the table so every tile's page slice is in bounds (dynamic_slice would clamp, not mask).
+    n_tiles_max = -(-pages_per_seq // pages_per_tile)
+    bt = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, n_tiles_max * pages_per_tile - pages_per_seq)))
+    fb = block_layout(qsl, num_seqs, max_num_seqs, block_q)
+    n_blocks = num_query_blocks(total_tokens, max_num_seqs, block_q)
+    sink_init = None if sinks is None else sinks.astype(jnp.float32).reshape(num_kv_heads, group, 1)
+
+    def one_block(b):
+        seq = jnp.clip(jnp.searchsorted(fb, b, side="right").astype(jnp.int32) - 1, 0, max_num_seqs - 1)
+        seq_ok = seq < num_seqs
+        q_start, q_end = qsl[seq], qsl[seq + 1]
+        q_len = q_end - q_start
+        kv_len = ctx[seq]
+        row0 = q_start + (b - fb[seq]) * block_q
+        rows = row0 + jnp.arange(block_q, dtype=jnp.int32)                       # [BQ]
+        row_ok = seq_ok & (rows < q_end)
+        pos = kv_len - q_len + (rows - q_start)                                   # [BQ] query positions
+        q = queries[jnp.clip(rows, 0, total_tokens - 1)].astype(cdt)             # [BQ, H, D]
+        q = q.reshape(block_q, num_kv_heads, group, head_dim)
+
+        any_row = jnp.any(row_ok)
+        last_pos = jnp.max(jnp.where(row_ok, pos, -1))
+        first_pos = jnp.min(jnp.where(row_ok, pos, jnp.iinfo(jnp.int32).max))
+        hi = jnp.minimum(kv_len, last_pos + 1)
+        lo = jnp.zeros((), jnp.int32) if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+        t_lo = jnp.where(any_row, lo // tile, 0)
+        t_hi = jnp.where(any_row, (hi + tile - 1) // tile, 0)
+
+        if sink_init is None:
+            m0 = jnp.full((num_kv_heads, group, block_q), NEG, jnp.float32)
+            l0 = jnp.zeros((num_kv_heads, group, block_q), jnp.float32)
+        else:
+            m0 = jnp.broadcast_to(sink_init, (num_kv_heads, group, block_q))
+            l0 = jnp.ones((num_kv_heads, group, block_q), jnp.float32)
+        acc0 = jnp.zeros((num_kv_heads, group, block_q, head_dim), jnp.float32)
+
+        def body(carry):
+            t, m, l, acc = carry
+            pages = lax.dynamic_slice(bt[seq], (t * pages_per_tile,), (pages_per_tile,))
+            pages = jnp.clip(pages, 0, num_pages - 1)  # entries past the used pages may be garbage
+            kv = kv_pages[pages].reshape(tile, num_combined, head_dim)             # [TILE, 2*KVH, D]
+            k, v = kv[:, 0::2], kv[:, 1::2]                                        # [TILE, KVH, D]
+            if kv_scales is not None:
+                k = k.astype(jnp.float32) * kv_scales[0]
+                v = v.astype(jnp.float32) * kv_scales[1]
+            s = jnp.einsum("qhgd,thd->hgqt", q, k.astype(cdt), preferred_element_type=jnp.float32)
+            s = s * softmax_scale                                                  # [KVH, G, BQ, TILE]
+            if logits_soft_cap is not None:
+                s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+            keys = t * tile + jnp.arange(tile, dtype=jnp.int32)
+            vis = (keys[None, :] <= pos[:, None]) & (keys[None, :] < kv_len) & row_ok[:, None]
+            if sliding_window is not None:
+                vis &= keys[None, :] > pos[:, None] - sliding_window
+            s = jnp.where(vis, s, NEG)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            l = l * alpha + p.sum(-1)
+            pv = jnp.einsum("hgqt,thd->hgqd", p.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32)
+            acc = acc * alpha[..., None] + pv
+            return t + 1, m_new, l, acc
+
+        _, _, l, acc = lax.while_loop(lambda c: c[0] < t_hi, body, (t_lo, m0, l0, acc0))
+        out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+        out = out.transpose(2, 0, 1, 3).reshape(block_q, num_q_heads, head_dim)
+        dest = jnp.where(row_ok, rows, total_tokens)  # out of range: dropped by the scatter
+        return out.astype(queries.dtype), dest
+
+    outs, dests = lax.map(one_block, jnp.arange(n_blocks, dtype=jnp.int32), batch_size=map_batch)
+    result = jnp.zeros_like(queries)
+    return result.at[dests.reshape(-1)].set(outs.reshape(-1, num_q_heads, head_dim), mode="drop")
