@@ -123,6 +123,8 @@ def ragged_page_attention_v2(
     if check_inputs and all(is_concrete(x) for x in (context_lens, block_tables, query_start_loc, num_seqs)):
         check_values(context_lens, block_tables, query_start_loc, num_seqs, dims)
 
+    if dims.total_tokens == 0:
+        return jnp.zeros(queries.shape, queries.dtype)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dims.head_dim)
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
     window = None if sliding_window is None else int(sliding_window)

@@ -7,6 +7,7 @@ first use and a clear error names what is installed and what is needed.
 from __future__ import annotations
 
 import functools
+import os
 from importlib import metadata
 
 import jax
@@ -47,10 +48,18 @@ def _bridge():
             "The Triton GPU path of ragged_paged_attention cannot run: " + "; ".join(problems)
             + ". Install the supported versions (pip install 'ragged-paged-attention[gpu]') or call with "
             "implementation='xla' for the pure-JAX path.")
+    # jax_triton sets TRITON_CACHE_DIR="" at import, which breaks every later plain Triton launch
+    # in the process (the PyTorch front door: "Could not create or locate cache dir"): restore it.
+    saved = os.environ.get("TRITON_CACHE_DIR")
     try:
         import jax_triton
     except Exception as e:  # jaxlib without CUDA raises at import
         raise RuntimeError(f"jax_triton failed to import ({e!r}); it needs a CUDA build of jaxlib") from e
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
     from .triton import kernels
 
     return jax_triton, kernels

@@ -55,13 +55,14 @@ def _sinks(softmax_aux, num_q_heads, num_kv_heads, device):
 
 def _launch(queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, sinks, scales,
             softmax_scale: float, logits_soft_cap, sliding_window, compute_dtype: str,
-            num_kv_pages_per_block, num_queries_per_block, num_warps, num_stages) -> torch.Tensor:
+            num_kv_pages_per_block, num_queries_per_block, num_warps, num_stages,
+            cfg: tuning.LaunchConfig | None = None) -> torch.Tensor:
     from .triton import kernels
 
     dims = Dims(queries.shape[0], queries.shape[1], queries.shape[2], kv_pages.shape[0], kv_pages.shape[1],
                 kv_pages.shape[2] // 2, context_lens.shape[0], block_tables.shape[1])
     sms, name = _num_sms(queries.device)
-    cfg = tuning.launch_config(dims, num_sms=sms, gpu_name=name, num_queries_per_block=num_queries_per_block,
+    cfg = cfg or tuning.launch_config(dims, num_sms=sms, gpu_name=name, num_queries_per_block=num_queries_per_block,
                                num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps,
                                num_stages=num_stages)
     consts = attention_constants(dims, cfg, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,

@@ -65,6 +65,8 @@ def ragged_paged_attention_xla(
     max_num_seqs, pages_per_seq = block_tables.shape
     tile = pages_per_tile * page_size
     cdt = jnp.dtype(compute_dtype)
+    # float32 compute means float32 products (XLA on GPU would otherwise use TF32).
+    prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
 
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
     qsl = query_start_loc.astype(jnp.int32)
@@ -114,7 +116,8 @@ def ragged_paged_attention_xla(
             if kv_scales is not None:
                 k = k.astype(jnp.float32) * kv_scales[0]
                 v = v.astype(jnp.float32) * kv_scales[1]
-            s = jnp.einsum("qhgd,thd->hgqt", q, k.astype(cdt), preferred_element_type=jnp.float32)
+            s = jnp.einsum("qhgd,thd->hgqt", q, k.astype(cdt), preferred_element_type=jnp.float32,
+                           precision=prec)
             s = s * softmax_scale                                                  # [KVH, G, BQ, TILE]
             if logits_soft_cap is not None:
                 s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
@@ -127,7 +130,8 @@ def ragged_paged_attention_xla(
             p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
             l = l * alpha + p.sum(-1)
-            pv = jnp.einsum("hgqt,thd->hgqd", p.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32)
+            pv = jnp.einsum("hgqt,thd->hgqd", p.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32,
+                        precision=prec)
             acc = acc * alpha[..., None] + pv
             return t + 1, m_new, l, acc
 

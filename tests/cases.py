@@ -1,0 +1,255 @@
+"""The one shared case list: ragged batches as (q_len, kv_len) pairs, and a builder of fresh inputs.
+
+Every built batch is hostile in the ways a serving stack is: pages randomly permuted in the pool,
+block-table entries past the used pages hold garbage (-1, huge ints, out-of-range indices),
+padded sequence slots past num_seqs hold garbage metadata, and total_tokens runs past the last
+sequence (those rows must come out zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+import ml_dtypes
+import numpy as np
+
+from oracle import ragged_paged_attention_oracle
+
+INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
+
+# Relative-error budget ||out - ref|| / ||ref|| by compute dtype (compute dtype = input dtype).
+TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2, "float16": 5e-3}
+NP_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+}
+SINK_KINDS = ("q_heads", "shared", "q_heads_x_sinks", "kv_heads_x_sinks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    pairs: tuple[tuple[int, int], ...]   # (q_len, kv_len) per live sequence
+    num_q_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    page_size: int = 16
+    dtype: str = "float32"               # queries (and kv_pages unless kv_dtype) and compute dtype
+    kv_dtype: str | None = None          # "float8_e4m3fn": quantised cache with k_scale/v_scale
+    sliding_window: int | None = None
+    soft_cap: float | None = None
+    sinks: str | None = None             # one of SINK_KINDS
+    num_sinks: int = 3
+    softmax_scale: float | None = None
+    data_scale: float = 1.0              # scale of q and k (large -> large logits)
+    extra_seq_slots: int = 2             # max_num_seqs - num_seqs
+    extra_tokens: int = 3                # rows past query_start_loc[num_seqs]
+    extra_pages: int = 3                 # unused pages in the pool
+    extra_table_cols: int = 2            # garbage columns past the longest sequence's pages
+    interpret: bool = True               # small enough for Triton's (slow) interpreter
+
+    def __post_init__(self):
+        for q_len, kv_len in self.pairs:
+            assert 0 <= q_len <= kv_len, (self.name, q_len, kv_len)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.dtype}"
+
+    @property
+    def seed(self) -> int:
+        return zlib.crc32(self.id.encode())
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.dtype
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.compute_dtype]
+
+    def with_(self, **kw) -> "Case":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass
+class Batch:
+    """NumPy inputs of one call (arrays already in their final dtypes) and its options."""
+    case: Case
+    queries: np.ndarray          # [total_tokens, num_q_heads, head_dim]
+    kv_pages: np.ndarray         # [num_pages, page_size, 2 * num_kv_heads, head_dim]
+    context_lens: np.ndarray     # int32 [max_num_seqs]
+    block_tables: np.ndarray     # int32 [max_num_seqs, pages_per_seq]
+    query_start_loc: np.ndarray  # int32 [max_num_seqs + 1]
+    num_seqs: int
+    softmax_aux: np.ndarray | None
+    options: dict                # sliding_window, logits_soft_cap, softmax_scale, k_scale, v_scale
+
+    @property
+    def owned_rows(self) -> int:
+        """Rows at or past this index belong to no sequence and must be zero."""
+        return int(self.query_start_loc[self.num_seqs])
+
+    def oracle(self) -> np.ndarray:
+        return ragged_paged_attention_oracle(
+            self.queries, self.kv_pages, self.context_lens, self.block_tables, self.query_start_loc,
+            self.num_seqs, softmax_aux=self.softmax_aux, **self.options)
+
+
+def _garbage(rng, n: int, num_pages: int) -> np.ndarray:
+    pool = np.array([-1, INT32_MAX, num_pages, INT32_MIN, num_pages + 12345, -7, 2**30], np.int64)
+    return rng.choice(pool, size=n).astype(np.int32)
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    return x.astype(np.float32).astype(NP_DTYPES[dtype])
+
+
+def build(case: Case, seed: int | None = None) -> Batch:
+    """Fresh random inputs for a case (deterministic per case unless a seed is given)."""
+    rng = np.random.default_rng(case.seed if seed is None else seed)
+    num_seqs = len(case.pairs)
+    max_num_seqs = num_seqs + case.extra_seq_slots
+    ps = case.page_size
+    q_lens = [q for q, _ in case.pairs]
+    kv_lens = [kv for _, kv in case.pairs]
+    pages_needed = [-(-kv // ps) for kv in kv_lens]
+    num_pages = sum(pages_needed) + case.extra_pages
+    pages_per_seq = max([1, *pages_needed]) + case.extra_table_cols
+    total_tokens = sum(q_lens) + case.extra_tokens
+
+    queries = rng.standard_normal((total_tokens, case.num_q_heads, case.head_dim)) * case.data_scale
+    kv = rng.standard_normal((num_pages, ps, 2 * case.num_kv_heads, case.head_dim))
+    kv[:, :, 0::2] *= case.data_scale  # keys carry the logit scale; values stay O(1)
+    kv_dtype = case.kv_dtype or case.dtype
+    if kv_dtype == "float8_e4m3fn":
+        kv = kv * 4.0  # use the fp8 range, then the scales bring it back
+    queries = round_to(queries, case.dtype)
+    kv_pages = round_to(kv, kv_dtype)
+
+    # Random pages of the pool per sequence, then garbage past each sequence's used pages.
+    perm = rng.permutation(num_pages)
+    block_tables = _garbage(rng, max_num_seqs * pages_per_seq, num_pages).reshape(max_num_seqs, pages_per_seq)
+    used = 0
+    for i, n in enumerate(pages_needed):
+        block_tables[i, :n] = perm[used : used + n]
+        used += n
+
+    qsl = np.zeros(max_num_seqs + 1, np.int32)
+    qsl[1 : num_seqs + 1] = np.cumsum(q_lens)
+    # Padded slots: garbage metadata that must never be read.
+    qsl[num_seqs + 1 :] = rng.choice([0, -3, 10**6, int(qsl[num_seqs]) - 1], size=case.extra_seq_slots)
+    context_lens = np.array(kv_lens + list(rng.choice([-5, 10**7, 0, 3], size=case.extra_seq_slots)), np.int32)
+
+    softmax_aux = None
+    if case.sinks is not None:
+        shape = {
+            "q_heads": (case.num_q_heads,),
+            "shared": (case.num_sinks,),
+            "q_heads_x_sinks": (case.num_q_heads, case.num_sinks),
+            "kv_heads_x_sinks": (case.num_kv_heads, case.num_sinks),
+        }[case.sinks]
+        # Comparable to the logits, so the sinks visibly change the result.
+        softmax_aux = (rng.standard_normal(shape) + 1.0).astype(np.float32)
+
+    options = {}
+    if case.sliding_window is not None:
+        options["sliding_window"] = case.sliding_window
+    if case.soft_cap is not None:
+        options["logits_soft_cap"] = case.soft_cap
+    if case.softmax_scale is not None:
+        options["softmax_scale"] = case.softmax_scale
+    if kv_dtype == "float8_e4m3fn":
+        options["k_scale"] = 0.25 * case.data_scale
+        options["v_scale"] = 0.5
+    return Batch(case, queries, kv_pages, context_lens.astype(np.int32), block_tables.astype(np.int32),
+                 qsl, num_seqs, softmax_aux, options)
+
+
+@functools.lru_cache(maxsize=None)
+def oracle_for(case: Case) -> np.ndarray:
+    """The oracle output of build(case), computed once per process."""
+    return build(case).oracle()
+
+
+def _c(name, pairs, **kw) -> Case:
+    return Case(name, tuple(tuple(p) for p in pairs), **kw)
+
+
+# Structure of the batch; each is run in every dtype (see CASES).
+BASE_CASES = [
+    # decode only: one query per sequence, long and short contexts; few padded rows keep it
+    # decode-shaped (total_tokens <= max_num_seqs), which on GPU takes the split-KV path.
+    _c("decode", [(1, 1328), (1, 17), (1, 1), (1, 64), (1, 300)], extra_tokens=1),
+    _c("decode_small", [(1, 40), (1, 7), (1, 33)], extra_tokens=1),
+    _c("prefill", [(37, 37), (5, 5), (129, 129), (16, 16)], interpret=False),
+    _c("prefill_small", [(13, 13), (5, 5), (20, 20)]),
+    # chunked prefill: new tokens on top of a cached prefix
+    _c("chunked_prefill", [(64, 200), (33, 97), (16, 512)], interpret=False),
+    _c("chunked_prefill_small", [(9, 40), (4, 21)]),
+    _c("mixed", [(1, 1328), (5, 18), (129, 463)], interpret=False),
+    _c("mixed_small", [(1, 70), (5, 18), (12, 45), (1, 1)]),
+    # exactly on / just past page boundaries (page_size 16)
+    _c("page_boundaries", [(1, 16), (3, 32), (2, 17), (16, 33), (1, 48), (5, 49)]),
+    _c("zero_length", [(0, 0), (3, 10), (0, 25), (1, 1), (0, 7), (4, 4)]),
+    _c("all_zero_length", [(0, 0), (0, 5)]),
+    _c("single_token", [(1, 1)], extra_seq_slots=0, extra_tokens=0),
+    _c("no_padding", [(3, 20), (2, 2)], extra_seq_slots=0, extra_tokens=0),
+    # sliding window: smaller than a page, mid-size, larger than every context
+    _c("window_lt_page", [(1, 100), (20, 60), (7, 7)], sliding_window=5),
+    _c("window_1", [(1, 30), (6, 19)], sliding_window=1),
+    _c("window_mid", [(40, 300), (1, 129), (3, 50)], sliding_window=37, interpret=False),
+    _c("window_mid_small", [(10, 60), (1, 45)], sliding_window=19),
+    _c("window_gt_context", [(3, 50), (1, 200), (8, 8)], sliding_window=4096),
+    # soft cap with logits far past the cap
+    _c("softcap", [(1, 200), (9, 40), (30, 90)], soft_cap=5.0, data_scale=3.0),
+    _c("softcap_window", [(1, 60), (9, 40)], soft_cap=20.0, data_scale=2.0, sliding_window=11),
+    _c("large_logits", [(1, 50), (7, 30)], data_scale=3.0),
+    _c("softmax_scale", [(1, 50), (7, 30)], softmax_scale=0.3),
+    # attention sinks, each accepted shape
+    _c("sinks_q_heads", [(1, 40), (6, 25), (0, 3)], sinks="q_heads"),
+    _c("sinks_shared", [(1, 40), (6, 25)], sinks="shared", num_sinks=3),
+    _c("sinks_shared_one", [(1, 40), (6, 25)], sinks="shared", num_sinks=1),
+    _c("sinks_q_heads_x_sinks", [(1, 40), (6, 25)], sinks="q_heads_x_sinks", num_sinks=2),
+    _c("sinks_kv_heads_x_sinks", [(1, 40), (6, 25)], sinks="kv_heads_x_sinks", num_sinks=4),
+    _c("sinks_window_softcap", [(1, 60), (9, 40)], sinks="q_heads", sliding_window=8, soft_cap=10.0),
+    # GQA ratio 1 / 4 (default) / 8, and MQA
+    _c("mha", [(1, 40), (6, 25), (11, 11)], num_q_heads=4, num_kv_heads=4),
+    _c("gqa8", [(1, 40), (6, 25), (11, 11)], num_q_heads=16, num_kv_heads=2),
+    _c("mqa", [(1, 40), (6, 25), (11, 11)], num_q_heads=8, num_kv_heads=1),
+    _c("gqa8_decode", [(1, 40), (1, 100), (1, 3)], num_q_heads=8, num_kv_heads=1, extra_tokens=0),
+    # head dims (80: not a power of two)
+    _c("head_dim_80", [(1, 40), (6, 25)], head_dim=80),
+    _c("head_dim_128", [(1, 40), (6, 25)], head_dim=128),
+    _c("head_dim_256", [(1, 40), (6, 25)], num_q_heads=4, head_dim=256),
+    # page sizes
+    _c("page_size_1", [(1, 23), (5, 9), (2, 2)], page_size=1),
+    _c("page_size_64", [(1, 130), (5, 64), (3, 65)], page_size=64),
+    _c("page_size_64_big", [(1, 1000), (70, 200), (1, 128)], page_size=64, interpret=False),
+    # many sequences in a batch, a single long one
+    _c("many_seqs", [((i % 3), 5 + 7 * i) for i in range(24)], extra_seq_slots=5, interpret=False),
+    _c("long_context", [(1, 4100), (8, 2049)], page_size=16, interpret=False),
+]
+
+# Quantised cache (float8_e4m3fn with k_scale / v_scale): the JAX paths only, not the interpreter.
+FP8_CASES = [
+    _c("fp8_kv", [(1, 60), (9, 40), (0, 4)], kv_dtype="float8_e4m3fn", interpret=False),
+    _c("fp8_kv_softcap_sinks", [(1, 60), (9, 40)], kv_dtype="float8_e4m3fn", soft_cap=8.0,
+       sinks="q_heads", interpret=False),
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+CASES = [c.with_(dtype=dt) for c in BASE_CASES + FP8_CASES for dt in DTYPES]
+CASE_IDS = [c.id for c in CASES]
+
+
+def case_by_name(name: str, dtype: str = "float32") -> Case:
+    for c in CASES:
+        if c.name == name and c.dtype == dtype:
+            return c
+    raise KeyError((name, dtype))

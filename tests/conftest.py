@@ -1,0 +1,52 @@
+"""Test environment: set before anything imports triton or jax.
+
+- No CUDA GPU: TRITON_INTERPRET=1, so the Triton kernels run in Triton's interpreter on CPU torch
+  tensors (the "interpret" backend of test_attention.py).
+- XLA_FLAGS gets --xla_force_host_platform_device_count=8 so sharding tests can build CPU meshes.
+- XLA_PYTHON_CLIENT_PREALLOCATE=false unless set, so JAX and torch can share one GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# JAX would otherwise take 75% of the GPU at its first op, starving the torch-cuda tests (and the
+# >2^31-element cache test) that share the process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+HAS_CUDA = _cuda_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# Shared helper modules (cases.py, oracle.py, backends.py) import by bare name whatever the
+# pytest import mode.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped elsewhere)")
+    config.addinivalue_line("markers", "slow: long-running")
+    config.addinivalue_line("markers", "interpret: runs Triton kernels in Triton's CPU interpreter")
+
+
+@pytest.fixture(scope="session")
+def has_cuda() -> bool:
+    return HAS_CUDA

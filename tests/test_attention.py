@@ -1,0 +1,245 @@
+"""One suite, every implementation: each case of cases.py against the float64 oracle.
+
+Backends (see backends.py): "xla" everywhere, "interpret" (Triton interpreter, CPU, no CUDA),
+"jax-triton" (JAX on GPU), "torch-cuda" (torch with CUDA). Unavailable ones are skipped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import backends
+from cases import CASE_IDS, CASES, TOLERANCE, Case, build, case_by_name, oracle_for
+from oracle import ragged_paged_attention_oracle, relative_error
+
+
+def _marks(name):
+    if name == "interpret":
+        return [pytest.mark.interpret]
+    if name in ("jax-triton", "torch-cuda"):
+        return [pytest.mark.gpu]
+    return []
+
+
+BACKEND_PARAMS = [pytest.param(b, id=b, marks=_marks(b)) for b in backends.ALL]
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request) -> str:
+    reason = backends.unavailable(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
+def _skip_unsupported(backend: str, case: Case):
+    reason = backends.unsupported(backend, case)
+    if reason:
+        pytest.skip(reason)
+
+
+def check_result(res: backends.Result, batch, ref: np.ndarray, tol: float, expect_dtype: str | None = None):
+    """Shape, dtype, finiteness, zero padding rows, then the relative error against the oracle."""
+    assert res.shape == batch.queries.shape
+    assert res.dtype == (expect_dtype or str(batch.queries.dtype))
+    assert np.isfinite(res.out).all(), "NaN/inf in the output"
+    tail = res.out[batch.owned_rows:]
+    assert not tail.any(), f"rows past query_start_loc[num_seqs]={batch.owned_rows} are not zero"
+    err = relative_error(res.out, ref)
+    assert err <= tol, f"relative error {err:.3e} > {tol:.1e}"
+    return err
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_oracle(backend, case):
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    res = backends.run(backend, batch)
+    check_result(res, batch, oracle_for(case), case.tolerance)
+
+
+KNOBS = [
+    dict(num_kv_pages_per_block=1),
+    dict(num_kv_pages_per_block=3),
+    dict(num_kv_pages_per_block=64),
+    dict(num_queries_per_block=1),
+    dict(num_queries_per_block=7),
+    dict(num_queries_per_block=32, num_kv_pages_per_block=2),
+    dict(num_warps=2, num_stages=1),
+    dict(num_warps=8, num_stages=4),
+]
+KNOB_CASES = ["mixed_small", "decode_small", "window_mid_small", "sinks_kv_heads_x_sinks", "page_size_1"]
+
+
+@pytest.mark.parametrize("name", KNOB_CASES)
+def test_tuning_knobs_give_the_same_answer(backend, name):
+    case = case_by_name(name, "float32")
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    ref = oracle_for(case)
+    default = backends.run(backend, batch)
+    check_result(default, batch, ref, case.tolerance)
+    again = backends.run(backend, batch)
+    np.testing.assert_array_equal(again.out, default.out, err_msg="two identical calls differ")
+    for knobs in KNOBS:
+        res = backends.run(backend, batch, **knobs)
+        try:
+            check_result(res, batch, ref, case.tolerance)
+            assert relative_error(res.out, default.out) <= 2 * case.tolerance
+        except AssertionError as e:
+            raise AssertionError(f"{knobs}: {e}") from e
+
+
+@pytest.mark.parametrize("name", ["mixed_small", "decode_small", "softcap"])
+def test_default_compute_dtype_is_bfloat16(backend, name):
+    """float32 inputs, compute_dtype left at its default (bfloat16): float32 out, bf16-level error."""
+    case = case_by_name(name, "float32")
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    res = backends.run(backend, batch, compute_dtype=None)
+    check_result(res, batch, oracle_for(case), TOLERANCE["bfloat16"], expect_dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_num_seqs_zero_gives_zeros(backend, dtype):
+    case = case_by_name("mixed_small", dtype)
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    batch.num_seqs = 0
+    res = backends.run(backend, batch)
+    assert res.shape == batch.queries.shape and res.dtype == dtype
+    assert not res.out.any()
+
+
+def test_fewer_live_sequences_than_filled(backend):
+    """num_seqs below the number of filled slots: the later (valid-looking) sequences are ignored."""
+    case = case_by_name("zero_length", "float32")
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    batch.num_seqs = 3
+    ref = batch.oracle()
+    assert not ref[batch.owned_rows:].any() and ref.any()
+    check_result(backends.run(backend, batch), batch, ref, case.tolerance)
+
+
+def test_empty_batch(backend):
+    """total_tokens == 0: an empty output, no error."""
+    case = Case("empty", ((0, 0), (0, 9)), extra_tokens=0)
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    assert batch.queries.shape[0] == 0
+    res = backends.run(backend, batch)
+    assert res.shape == batch.queries.shape and res.dtype == "float32"
+
+
+def test_compat_options_accepted(backend):
+    """optimized and a finite mask_value are accepted; masked keys still get no weight."""
+    case = case_by_name("window_lt_page", "float32")
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    res = backends.run(backend, batch, optimized=True, mask_value=-1e30)
+    check_result(res, batch, oracle_for(case), case.tolerance)
+
+
+def test_num_seqs_as_scalar_array(backend):
+    case = case_by_name("mixed_small", "float32")
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    if backend in ("xla", "jax-triton"):
+        import jax.numpy as jnp
+
+        n = jnp.asarray(batch.num_seqs, jnp.int32)
+    else:
+        import torch
+
+        n = torch.tensor(batch.num_seqs, dtype=torch.int32, device="cpu" if backend == "interpret" else "cuda")
+    batch.num_seqs = n
+    res = backends.run(backend, batch)
+    batch.num_seqs = int(n)
+    check_result(res, batch, oracle_for(case), case.tolerance)
+
+
+# --------------------------------------------------------------------------------------------
+# A cache of more than 2^31 elements with the used pages at its top: 32-bit offsets would wrap.
+
+def _free_gpu_bytes(backend: str) -> int:
+    if backend == "torch-cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit", 0)) - int(stats.get("bytes_in_use", 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["jax-triton", "torch-cuda", "xla"])
+def test_kv_cache_over_2_31_elements(name):
+    reason = backends.unavailable(name)
+    if name == "xla" and not backends.jax_gpu():
+        reason = "only on a GPU"
+    if reason:
+        pytest.skip(reason)
+    if _free_gpu_bytes(name) < 20 * 10**9:
+        pytest.skip("needs more than 20 GB of free GPU memory")
+    case = Case("huge_pool", ((1, 300), (17, 80), (5, 40), (1, 1000)), num_q_heads=16, num_kv_heads=8,
+                head_dim=128, page_size=16, dtype="bfloat16", extra_tokens=2)
+    small = build(case)
+    ref = small.oracle()
+    per_page = case.page_size * 2 * case.num_kv_heads * case.head_dim
+    num_pages = 2**31 // per_page + 2048
+    assert num_pages * per_page > 2**31
+    small_pages = small.kv_pages.shape[0]
+    page_map = np.arange(num_pages - small_pages, num_pages)  # small page p -> big page page_map[p]
+    bt = small.block_tables.copy()
+    for i, (_, kv_len) in enumerate(case.pairs):
+        n = -(-kv_len // case.page_size)
+        bt[i, :n] = page_map[bt[i, :n]]
+
+    if name == "torch-cuda":
+        import torch
+
+        from ragged_paged_attention import pytorch as rpt
+
+        kv = torch.zeros((num_pages, *small.kv_pages.shape[1:]), dtype=torch.bfloat16, device="cuda")
+        kv[torch.from_numpy(page_map).cuda()] = backends.to_torch(small.kv_pages, "cuda")
+        args = [backends.to_torch(x, "cuda") for x in (small.queries,)] + [kv] + [
+            backends.to_torch(x, "cuda") for x in (small.context_lens, bt, small.query_start_loc)]
+        out = rpt.ragged_page_attention_v2(*args, small.num_seqs, compute_dtype=torch.bfloat16)
+        out = out.float().cpu().numpy().astype(np.float64)
+        del kv
+    else:
+        import jax.numpy as jnp
+
+        import ragged_paged_attention as rpa
+
+        kv = jnp.zeros((num_pages, *small.kv_pages.shape[1:]), jnp.bfloat16)
+        kv = kv.at[jnp.asarray(page_map)].set(jnp.asarray(small.kv_pages))
+        out = rpa.ragged_page_attention_v2(
+            jnp.asarray(small.queries), kv, jnp.asarray(small.context_lens), jnp.asarray(bt),
+            jnp.asarray(small.query_start_loc), small.num_seqs, compute_dtype=jnp.bfloat16,
+            implementation="triton" if name == "jax-triton" else "xla")
+        out = np.asarray(out).astype(np.float64)
+        del kv
+    assert np.isfinite(out).all()
+    assert not out[small.owned_rows:].any()
+    err = relative_error(out, ref)
+    assert err <= TOLERANCE["bfloat16"], err
+
+
+def test_oracle_sanity():
+    """The oracle itself on a hand-checkable batch: one key -> its value; a sink halves the weight."""
+    q = np.ones((1, 1, 2))
+    kv = np.zeros((1, 1, 2, 2))
+    kv[0, 0, 0] = [0.0, 0.0]   # key 0
+    kv[0, 0, 1] = [3.0, -1.0]  # value 0
+    args = (q, kv, np.array([1]), np.array([[0]]), np.array([0, 1]), 1)
+    np.testing.assert_allclose(ragged_paged_attention_oracle(*args)[0, 0], [3.0, -1.0])
+    # logit 0 and one sink of logit 0: weight 1/2
+    out = ragged_paged_attention_oracle(*args, softmax_aux=np.array([0.0]))
+    np.testing.assert_allclose(out[0, 0], [1.5, -0.5])
+    # two shared sinks at log(1/2) add up to one sink at 0
+    out = ragged_paged_attention_oracle(*args, softmax_aux=np.log([0.5, 0.5]))
+    np.testing.assert_allclose(out[0, 0], [1.5, -0.5])
