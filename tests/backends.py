@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from cases import Batch, Case
+from cases import CPU_DTYPE_MATRIX, Batch, Case
 
 ALL = ("xla", "interpret", "jax-triton", "torch-cuda")
 
@@ -33,6 +33,10 @@ def jax_gpu() -> bool:
     import jax
 
     return jax.default_backend() == "gpu"
+
+
+def on_gpu() -> bool:
+    return torch_cuda() or jax_gpu()
 
 
 def unavailable(name: str) -> str | None:
@@ -58,6 +62,8 @@ def unavailable(name: str) -> str | None:
 
 def unsupported(name: str, case: Case) -> str | None:
     """Why this backend does not run this case (None when it does)."""
+    if name == "xla" and case.dtype != "float32" and case.name not in CPU_DTYPE_MATRIX and not on_gpu():
+        return "CPU host: this case runs in float32 only (the full dtype matrix runs on GPU)"
     if name == "interpret":
         if case.dtype == "bfloat16" or case.kv_dtype is not None:
             return "Triton's interpreter mishandles bfloat16/float8 arithmetic"
@@ -73,11 +79,15 @@ class Result:
     shape: tuple
 
 
-def run(name: str, batch: Batch, compute_dtype: str | None = "case", **kwargs) -> Result:
+def run(name: str, batch: Batch, compute_dtype: str | None = "case", index_dtype=np.int32, **kwargs) -> Result:
     """Call backend `name` on `batch`. compute_dtype: "case" (the case's), None (library default),
-    or a dtype name. kwargs go to the call (they override the batch's options)."""
+    or a dtype name; index_dtype: dtype of the three index arrays. kwargs go to the call (they
+    override the batch's options)."""
     if compute_dtype == "case":
         compute_dtype = batch.case.compute_dtype
+    if np.dtype(index_dtype) != np.int32:
+        batch = dataclasses.replace(batch, **{n: getattr(batch, n).astype(index_dtype) for n in
+                                              ("context_lens", "block_tables", "query_start_loc")})
     if name in ("xla", "jax-triton"):
         return _run_jax(batch, compute_dtype, "xla" if name == "xla" else "triton", kwargs)
     if name in ("interpret", "torch-cuda"):
@@ -91,7 +101,8 @@ def _run_jax(batch: Batch, compute_dtype, implementation: str, kwargs) -> Result
     import ragged_paged_attention as rpa
 
     host = [batch.queries, batch.kv_pages, batch.context_lens, batch.block_tables, batch.query_start_loc]
-    args = [jnp.asarray(x) for x in host]
+    # int64 index arrays go in as NumPy (jnp would canonicalise them to int32 without x64)
+    args = [x if x.dtype == np.int64 else jnp.asarray(x) for x in host]
     opts = dict(batch.options)
     if batch.softmax_aux is not None:
         opts["softmax_aux"] = jnp.asarray(batch.softmax_aux)
@@ -132,6 +143,8 @@ def _run_torch(batch: Batch, compute_dtype, device: str, kwargs) -> Result:
     if device == "cuda":
         torch.cuda.synchronize()
     for before, after in zip(saved, args):
-        assert torch.equal(before.view(torch.uint8), after.view(torch.uint8)), "an input was modified"
+        if before.dtype == torch.float8_e4m3fn:
+            before, after = before.float(), after.float()
+        assert torch.equal(before, after), "an input was modified"
     dtype = str(out.dtype).removeprefix("torch.")
     return Result(out.detach().cpu().to(torch.float64).numpy(), dtype, tuple(out.shape))

@@ -187,6 +187,12 @@ BASE_CASES = [
     # decode-shaped (total_tokens <= max_num_seqs), which on GPU takes the split-KV path.
     _c("decode", [(1, 1328), (1, 17), (1, 1), (1, 64), (1, 300)], extra_tokens=1),
     _c("decode_small", [(1, 40), (1, 7), (1, 33)], extra_tokens=1),
+    # decode-shaped (total_tokens <= max_num_seqs) but with multi-token chunks
+    _c("decode_shaped_prefill", [(3, 10), (1, 5), (0, 4)], extra_seq_slots=3, extra_tokens=0),
+    # decode-shaped with every feature at once (the GPU split-KV path)
+    _c("decode_window_softcap", [(1, 300), (1, 40), (1, 7)], sliding_window=33, soft_cap=10.0,
+       data_scale=2.0, extra_tokens=1),
+    _c("decode_sinks", [(1, 300), (1, 40), (1, 7)], sinks="kv_heads_x_sinks", extra_tokens=1),
     _c("prefill", [(37, 37), (5, 5), (129, 129), (16, 16)], interpret=False),
     _c("prefill_small", [(13, 13), (5, 5), (20, 20)]),
     # chunked prefill: new tokens on top of a cached prefix
@@ -247,9 +253,30 @@ DTYPES = ("float32", "bfloat16", "float16")
 CASES = [c.with_(dtype=dt) for c in BASE_CASES + FP8_CASES for dt in DTYPES]
 CASE_IDS = [c.id for c in CASES]
 
+# Each pure-JAX compile costs seconds of CPU, so on a CPU-only host the XLA path runs every case
+# in float32 and only these in bfloat16/float16 as well. On a GPU every backend runs everything.
+CPU_DTYPE_MATRIX = frozenset({
+    "decode", "mixed_small", "zero_length", "window_lt_page", "softcap", "sinks_kv_heads_x_sinks",
+    "head_dim_80", "page_size_1", "fp8_kv",
+})
+
 
 def case_by_name(name: str, dtype: str = "float32") -> Case:
     for c in CASES:
         if c.name == name and c.dtype == dtype:
             return c
     raise KeyError((name, dtype))
+
+
+def fitted(name: str, pairs, *, total_tokens: int, max_num_seqs: int, num_pages: int, pages_per_seq: int,
+           **kw) -> Case:
+    """A case whose arrays have exactly these shapes (to run different batches through one compile)."""
+    ps = kw.get("page_size", Case.page_size)
+    need = [-(-kv // ps) for _, kv in pairs]
+    case = Case(name, tuple(tuple(p) for p in pairs),
+                extra_tokens=total_tokens - sum(q for q, _ in pairs),
+                extra_seq_slots=max_num_seqs - len(pairs),
+                extra_pages=num_pages - sum(need),
+                extra_table_cols=pages_per_seq - max([1, *need]), **kw)
+    assert min(case.extra_tokens, case.extra_seq_slots, case.extra_pages, case.extra_table_cols) >= 0, case
+    return case

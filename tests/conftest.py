@@ -45,6 +45,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped elsewhere)")
     config.addinivalue_line("markers", "slow: long-running")
     config.addinivalue_line("markers", "interpret: runs Triton kernels in Triton's CPU interpreter")
+    # Triton's interpreter itself trips NumPy deprecations on every op; they say nothing about us.
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:triton.runtime.interpreter")
 
 
 @pytest.fixture(scope="session")

@@ -59,17 +59,15 @@ def test_matches_oracle(backend, case):
     check_result(res, batch, oracle_for(case), case.tolerance)
 
 
+# Each knob set is a fresh compile on the pure-JAX path, so they are combined: every knob takes a
+# small, an odd and a large value across the sets.
 KNOBS = [
-    dict(num_kv_pages_per_block=1),
-    dict(num_kv_pages_per_block=3),
-    dict(num_kv_pages_per_block=64),
-    dict(num_queries_per_block=1),
-    dict(num_queries_per_block=7),
-    dict(num_queries_per_block=32, num_kv_pages_per_block=2),
-    dict(num_warps=2, num_stages=1),
-    dict(num_warps=8, num_stages=4),
+    dict(num_kv_pages_per_block=1, num_queries_per_block=1, num_warps=2, num_stages=1),
+    dict(num_kv_pages_per_block=3, num_queries_per_block=7),
+    dict(num_kv_pages_per_block=64, num_queries_per_block=32, num_warps=8, num_stages=4),
+    dict(num_queries_per_block=16),
 ]
-KNOB_CASES = ["mixed_small", "decode_small", "window_mid_small", "sinks_kv_heads_x_sinks", "page_size_1"]
+KNOB_CASES = ["mixed_small", "decode_small", "window_mid_small"]
 
 
 @pytest.mark.parametrize("name", KNOB_CASES)
@@ -96,6 +94,8 @@ def test_default_compute_dtype_is_bfloat16(backend, name):
     """float32 inputs, compute_dtype left at its default (bfloat16): float32 out, bf16-level error."""
     case = case_by_name(name, "float32")
     _skip_unsupported(backend, case)
+    if backend == "interpret":
+        pytest.skip("Triton's interpreter mishandles bfloat16 arithmetic")
     batch = build(case)
     res = backends.run(backend, batch, compute_dtype=None)
     check_result(res, batch, oracle_for(case), TOLERANCE["bfloat16"], expect_dtype="float32")
@@ -131,6 +131,25 @@ def test_empty_batch(backend):
     assert batch.queries.shape[0] == 0
     res = backends.run(backend, batch)
     assert res.shape == batch.queries.shape and res.dtype == "float32"
+
+
+def test_no_sequence_slots(backend):
+    """max_num_seqs == 0 (context_lens of shape [0]): nothing is live, every row is zero."""
+    case = Case("no_slots", (), extra_seq_slots=0, extra_tokens=4)
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    assert batch.context_lens.shape == (0,) and batch.queries.shape[0] == 4
+    res = backends.run(backend, batch)
+    assert res.shape == batch.queries.shape and not res.out.any()
+
+
+def test_int64_index_arrays(backend):
+    """int64 context_lens / block_tables / query_start_loc (NumPy for JAX, int64 tensors for torch)."""
+    case = case_by_name("mixed_small", "float32")
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    res = backends.run(backend, batch, index_dtype=np.int64)
+    check_result(res, batch, oracle_for(case), case.tolerance)
 
 
 def test_compat_options_accepted(backend):

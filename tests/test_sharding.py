@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 _FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # no effect once the backend is up (see above)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # too late once the backend is up
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 import jax  # noqa: E402
@@ -43,15 +44,19 @@ MESHES = [1, 2, 4, 8]
 GQA = [(16, 8), (32, 8), (8, 8)]  # (num_q_heads, num_kv_heads)
 
 
-def _run_in_child() -> dict[str, tuple[str, str]]:
-    """Runs this file once with 8 host devices; returns {test name: (outcome, message)}."""
+def _run_in_child(session) -> dict[str, tuple[str, str]]:
+    """Runs this file's selected tests once with 8 host devices; returns {test name: (outcome, message)}."""
     global _child_results
     if _child_results is None:
-        xml = ROOT / f".pytest-sharding-{os.getpid()}.xml"
+        here = Path(__file__).resolve()
+        nodeids = [it.nodeid.split("::", 1)[1] for it in session.items
+                   if Path(str(it.fspath)).resolve() == here and "multihost" not in it.name]
+        xml = Path(tempfile.gettempdir()) / f"rpa-sharding-{os.getpid()}.xml"
         env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-        cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-               "-k", "not multihost", f"--junitxml={xml}"]
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join([*flags, _FLAG])
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+               f"--junitxml={xml}", *(f"{here}::{n}" for n in nodeids)]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
         try:
             root = ET.parse(xml).getroot()
@@ -77,7 +82,7 @@ def delegated(request, num_devices: int) -> bool:
         return False
     if os.environ.get(_CHILD):
         pytest.fail(f"the subprocess sees {len(jax.devices())} devices despite {_FLAG}")
-    outcome, msg = _run_in_child().get(request.node.name, ("missing", "not in the subprocess's report"))
+    outcome, msg = _run_in_child(request.session).get(request.node.name, ("missing", "not in the subprocess's report"))
     if outcome == "skipped":
         pytest.skip(msg)
     if outcome != "passed":
@@ -227,15 +232,9 @@ def test_divisibility_errors(request):
                                jnp.asarray([0, 64, 1], jnp.int32))
 
 
-def _needs_write_kv_pages():
-    if not hasattr(kv_cache, "write_kv_pages"):
-        pytest.skip("kv_cache.write_kv_pages is not in this checkout yet")
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float8_e4m3fn])
 @pytest.mark.parametrize("n", MESHES)
 def test_write_kv_pages_matches_unsharded(request, n, dtype):
-    _needs_write_kv_pages()
     if delegated(request, n):
         return
     rng = np.random.default_rng(7)
@@ -258,7 +257,6 @@ def test_write_kv_pages_matches_unsharded(request, n, dtype):
 
 def test_write_then_attend_sharded_step(request):
     """One jitted, donated serving step: write the new tokens' K/V, then attend, all sharded."""
-    _needs_write_kv_pages()
     if delegated(request, 4):
         return
     q, kv, ctx, bt, qsl, ns = make_batch(SEQS, 16, 8, seed=11)
@@ -309,6 +307,7 @@ def test_one_gpu_mesh_triton():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+@pytest.mark.slow
 def test_multihost_demo_runs():
     """examples/multihost_demo.py: 2 local processes x 4 CPU devices, sharded == unsharded."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -121,9 +121,9 @@ def ragged_page_attention_v2(
         num_warps=num_warps, num_stages=num_stages, k_scale=k_scale, v_scale=v_scale,
     )
     if check_inputs and all(is_concrete(x) for x in (context_lens, block_tables, query_start_loc, num_seqs)):
-        check_values(context_lens, block_tables, query_start_loc, num_seqs, dims)
+        check_values(context_lens, block_tables, query_start_loc, num_seqs, dims, sliding_window=sliding_window)
 
-    if dims.total_tokens == 0:
+    if dims.total_tokens == 0 or dims.max_num_seqs == 0:
         return jnp.zeros(queries.shape, queries.dtype)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dims.head_dim)
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
@@ -169,4 +169,5 @@ def check_inputs(
         if not is_concrete(x):
             raise RaggedPagedAttentionError(f"check_inputs needs concrete arrays, but {name} is traced")
     dims = check_static(queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, **options)
-    check_values(context_lens, block_tables, query_start_loc, num_seqs, dims)
+    check_values(context_lens, block_tables, query_start_loc, num_seqs, dims,
+                 sliding_window=options.get("sliding_window"))

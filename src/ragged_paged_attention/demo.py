@@ -1,6 +1,6 @@
 """Serving demo: a small decoder-only transformer with continuous batching over the paged KV cache.
 
-    python -m ragged_paged_attention demo [--requests 16 --layers 3 ...]
+    python -m ragged_paged_attention demo [--requests N --layers N ... --no-progress]
 
 Random weights (GQA, rotary positions, RMSNorm, SwiGLU MLP). Requests with different prompt
 lengths arrive over time; each step packs the decoding sequences (one token each) and chunks of
@@ -180,15 +180,15 @@ class Stats:
     mixed_steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    step_s: float = 0.0
     loop_s: float = 0.0
     compile_s: float = 0.0
     step_compilations: int = 0
-    records: list = dataclasses.field(default_factory=list)  # StepInputs of every step
+    records: list = dataclasses.field(default_factory=list)  # (StepInputs, tokens) of every step
     caches: tuple = ()
+    run: object = None  # run(inputs, tokens, caches) -> (next tokens, caches): the jitted step
 
 
-def serve(cfg: Config, params, requests: list[Request], progress: bool) -> Stats:
+def serve(cfg: Config, params, requests: list[Request], progress: bool, log=lambda msg: None) -> Stats:
     """Continuous batching: admit arrivals, pack decodes and prefill chunks, step, free finished."""
     alloc = PageAllocator(cfg.num_pages, cfg.page_size, max_num_seqs=cfg.max_num_seqs,
                           pages_per_seq=cfg.pages_per_seq, max_tokens=cfg.max_tokens)
@@ -203,10 +203,12 @@ def serve(cfg: Config, params, requests: list[Request], progress: bool) -> Stats
         return np.asarray(nxt), caches
 
     stats = Stats()
+    log("compiling the step (once: every step has the same shapes)...")
     t0 = time.perf_counter()
-    run(alloc.step([]), np.zeros(cfg.max_tokens, np.int32), caches)[1]  # compile on an all-padding step
+    run(alloc.step([]), np.zeros(cfg.max_tokens, np.int32), caches)  # compile on an all-padding step
     caches = tuple(jnp.zeros(cache_shape, jnp.float32) for _ in range(cfg.layers))
     stats.compile_s = time.perf_counter() - t0
+    log(f"serving {len(requests)} requests...")
 
     bar = _progress(sum(r.max_new for r in requests), progress)
     pending = collections.deque(sorted(requests, key=lambda r: r.arrival))
@@ -247,11 +249,10 @@ def serve(cfg: Config, params, requests: list[Request], progress: bool) -> Stats
         tokens = np.zeros(cfg.max_tokens, np.int32)
         for i, (r, n) in enumerate(rows):
             s = inp.query_start_loc[i]
-            tokens[s: s + n] = [r.generated[-1]] if r.prefilled == len(r.prompt) else r.prompt[r.prefilled: r.prefilled + n]
-        t = time.perf_counter()
+            decode = r.prefilled == len(r.prompt)
+            tokens[s: s + n] = [r.generated[-1]] if decode else r.prompt[r.prefilled: r.prefilled + n]
         nxt, caches = run(inp, tokens, caches)
-        stats.step_s += time.perf_counter() - t
-        stats.records.append(inp)
+        stats.records.append((inp, tokens))
         stats.steps += 1
         decoding = [r.prefilled == len(r.prompt) for r, _ in rows]
         stats.mixed_steps += any(decoding) and not all(decoding)
@@ -276,22 +277,28 @@ def serve(cfg: Config, params, requests: list[Request], progress: bool) -> Stats
     assert alloc.num_free_pages == cfg.num_pages, "finished sequences must return every page"
     stats.step_compilations = step_fn._cache_size()
     stats.caches = caches
+    stats.run = run
     return stats
 
 
-def attention_seconds(cfg: Config, caches, records: list[StepInputs]) -> float:
-    """Replay every step's attention calls (same index arrays, same caches) in a separate jitted call."""
+def attention_share(cfg: Config, stats: Stats) -> float:
+    """Share of step time spent in attention: every recorded step is re-run, then its attention
+    calls alone (one per layer, same index arrays and caches, one jitted call each), back to back
+    so that both see the same machine load; total attention time over total step time."""
     fn = jax.jit(attention_only)
     q = jnp.asarray(np.random.default_rng(1).standard_normal((cfg.max_tokens, cfg.q_heads, cfg.head_dim), np.float32))
     index = lambda r: (r.block_tables, r.context_lens, r.query_start_loc, np.int32(r.num_seqs))
-    jax.block_until_ready(fn(q, caches[0], *index(records[0])))  # compile
-    total = 0.0
-    for r in records:
-        args = index(r)
+    caches = stats.caches
+    jax.block_until_ready(fn(q, caches[0], *index(stats.records[0][0])))  # compile
+    step_s = attn_s = 0.0
+    for inp, tokens in stats.records:
         t = time.perf_counter()
-        jax.block_until_ready([fn(q, c, *args) for c in caches])
-        total += time.perf_counter() - t
-    return total
+        _, caches = stats.run(inp, tokens, caches)  # the run fetches the next tokens: synchronous
+        t1 = time.perf_counter()
+        jax.block_until_ready([fn(q, c, *index(inp)) for c in caches])
+        step_s += t1 - t
+        attn_s += time.perf_counter() - t1
+    return attn_s / step_s
 
 
 def check_against_dense(cfg: Config, params, requests: list[Request]) -> list[int]:
@@ -330,33 +337,48 @@ def _progress(total: int, enabled: bool):
 
 
 def parse_args(argv) -> tuple[Config, bool]:
-    p = argparse.ArgumentParser(prog="python -m ragged_paged_attention demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ragged_paged_attention demo",
+                                description=__doc__.split("\n\n")[1].replace("\n", " "))
     for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, metavar=f.name.upper())
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       metavar="X" if isinstance(f.default, float) else "N", help=f"default {f.default}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)})
-    if cfg.q_heads % cfg.kv_heads or cfg.head_dim % 2 or cfg.max_tokens < cfg.max_num_seqs:
-        p.error("need q_heads % kv_heads == 0, an even head_dim and max_tokens >= max_num_seqs")
-    if cfg.num_pages < cfg.pages_per_seq or not 1 <= cfg.min_prompt <= cfg.max_prompt or not 1 <= cfg.min_new <= cfg.max_new:
-        p.error("need num_pages >= pages per longest sequence, 1 <= min_prompt <= max_prompt, 1 <= min_new <= max_new")
+    problems = [msg for bad, msg in (
+        (min(cfg.requests, cfg.layers, cfg.d_model, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab,
+             cfg.page_size, cfg.max_num_seqs, cfg.arrival_every + 1) < 1, "sizes must be positive"),
+        (cfg.q_heads % cfg.kv_heads != 0, f"q_heads={cfg.q_heads} must be a multiple of kv_heads={cfg.kv_heads}"),
+        (cfg.head_dim % 2 != 0, f"head_dim={cfg.head_dim} must be even (rotary pairs)"),
+        (cfg.max_tokens < cfg.max_num_seqs, f"max_tokens={cfg.max_tokens} must be >= max_num_seqs={cfg.max_num_seqs}"),
+        (not 1 <= cfg.min_prompt <= cfg.max_prompt,
+         f"need 1 <= min_prompt={cfg.min_prompt} <= max_prompt={cfg.max_prompt}"),
+        (not 1 <= cfg.min_new <= cfg.max_new, f"need 1 <= min_new={cfg.min_new} <= max_new={cfg.max_new}"),
+        (cfg.num_pages < cfg.pages_per_seq,
+         f"num_pages={cfg.num_pages} cannot hold the longest sequence ({cfg.pages_per_seq} pages)"),
+    ) if bad]
+    if problems:
+        p.error("; ".join(problems))
     return cfg, not a.no_progress
 
 
 def main(argv=None) -> int:
     cfg, progress = parse_args(argv)
+    log = functools.partial(print, flush=True)
     path = "Triton kernels" if _use_triton("auto") else "pure-JAX path"
     print(f"ragged paged attention serving demo: {path} on {jax.default_backend()}")
     print(f"model: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.q_heads} query / {cfg.kv_heads} KV heads "
           f"(GQA), head_dim {cfg.head_dim}, rotary, vocab {cfg.vocab}, random weights, float32")
     print(f"cache: {cfg.num_pages} pages x {cfg.page_size} tokens per layer; a step holds up to "
-          f"{cfg.max_num_seqs} sequences and {cfg.max_tokens} tokens")
+          f"{cfg.max_num_seqs} sequences and {cfg.max_tokens} tokens", flush=True)
     # float32 matmuls everywhere (no TF32 on GPUs): the served and dense runs must agree on argmax.
     with jax.default_matmul_precision("highest"):
         params = init_params(cfg)
         requests = make_requests(cfg)
-        stats = serve(cfg, params, requests, progress)
-        attn_s = attention_seconds(cfg, stats.caches, stats.records)
+        stats = serve(cfg, params, requests, progress, log)
+        log("timing attention alone...")
+        share = attention_share(cfg, stats)
+        log("checking every token against a dense-attention run of the same model...")
         bad = check_against_dense(cfg, params, requests)
 
     rows = [
@@ -367,15 +389,15 @@ def main(argv=None) -> int:
         ("serving time", f"{stats.loop_s:.2f} s (+ {stats.compile_s:.1f} s compile)"),
         ("throughput, generated", f"{stats.generated_tokens / stats.loop_s:.0f} tokens/s"),
         ("throughput, all tokens", f"{(stats.generated_tokens + stats.prompt_tokens) / stats.loop_s:.0f} tokens/s"),
-        ("attention share of step time", f"{100 * attn_s / stats.step_s:.0f}%"),
+        ("attention share of step time", f"{100 * share:.0f}%"),
         ("step compilations", f"{stats.step_compilations}"),
         ("all tokens match dense reference", "yes" if not bad else f"no (requests {bad})"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
-    print("  (attention share: each step's attention calls, one per layer with the same index arrays and\n"
-          "   cache, replayed alone in a jitted call; their total time over the total time of the steps)")
+    print("  (attention share: each step was re-run, then its attention calls alone (one jitted call per\n"
+          "   layer, same index arrays and cache); total attention time / total step time)")
     return 0 if not bad else 1
 
 

@@ -85,6 +85,11 @@ def device_info() -> tuple[int, str]:
     return int(getattr(dev, "core_count", 0) or 132), str(dev.device_kind)
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("softmax_scale", "logits_soft_cap", "sliding_window", "compute_dtype",
+                     "num_kv_pages_per_block", "num_queries_per_block", "num_warps", "num_stages"),
+)
 def ragged_paged_attention_triton(
     queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, sinks, kv_scales, *,
     softmax_scale: float, logits_soft_cap, sliding_window, compute_dtype,
@@ -99,7 +104,8 @@ def ragged_paged_attention_triton(
     sms, name = device_info()
     cfg = tuning.launch_config(dims, num_sms=sms, gpu_name=name, num_queries_per_block=num_queries_per_block,
                                num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps,
-                               num_stages=num_stages)
+                               num_stages=num_stages,
+                               sliding_window=sliding_window is not None)
     consts = attention_constants(dims, cfg, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
                                  sliding_window=sliding_window, use_sinks=sinks is not None,
                                  kv_fp8=kv_pages.dtype == jnp.float8_e4m3fn, compute_dtype=jnp.dtype(compute_dtype).name)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from .api import _kv_scales, _use_triton
 from .tuning import next_pow2
 from .validate import FP8_E4M3_MAX, KV_DTYPES, QUERY_DTYPES, RaggedPagedAttentionError, is_concrete
 
@@ -72,7 +73,8 @@ def check_write_static(kv_pages, keys, values, slot_mapping, k_scale=None, v_sca
     if k_head_dim != head_dim:
         _fail(f"keys head_dim must equal kv_pages head_dim={head_dim} (last axis), got {k_head_dim}")
     if getattr(slot_mapping, "ndim", None) != 1:
-        _fail(f"slot_mapping must have rank 1 [num_tokens], got shape {getattr(slot_mapping, 'shape', type(slot_mapping))}")
+        _fail("slot_mapping must have rank 1 [num_tokens], "
+              f"got shape {getattr(slot_mapping, 'shape', type(slot_mapping))}")
     if not jnp.issubdtype(jnp.dtype(slot_mapping.dtype), jnp.integer):
         _fail(f"slot_mapping must be an integer array (int32), got dtype {slot_mapping.dtype}")
     if slot_mapping.shape[0] != num_tokens:
@@ -174,8 +176,6 @@ def write_kv_pages(
       RaggedPagedAttentionError (a ValueError and an AssertionError): bad shapes, dtypes, scales
         or (concrete inputs) slot values.
     """
-    from .api import _kv_scales, _use_triton
-
     check_write_static(kv_pages, keys, values, slot_mapping, k_scale, v_scale)
     num_pages, page_size, num_combined, head_dim = kv_pages.shape
     num_slots = num_pages * page_size
@@ -184,7 +184,7 @@ def write_kv_pages(
     scales = _kv_scales(kv_pages, k_scale, v_scale)
     use_triton = _use_triton(implementation)
     if keys.shape[0] == 0:
-        return kv_pages
+        return jnp.asarray(kv_pages)
     if use_triton:
         from . import jax_launch
         from .triton import kv_write
@@ -192,7 +192,8 @@ def write_kv_pages(
         fp8 = scales is not None
         head_blocks, consts = write_launch(num_combined // 2, head_dim, num_slots, fp8)
         return jax_launch.call(
-            kv_write.write_kv_kernel, kv_pages, keys, values, slot_mapping.astype(jnp.int32),
+            kv_write.write_kv_kernel, jnp.asarray(kv_pages), jnp.asarray(keys), jnp.asarray(values),
+            jnp.asarray(slot_mapping).astype(jnp.int32),
             scales if fp8 else jnp.ones((2,), jnp.float32),
             out_shape=jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype), grid=(keys.shape[0], head_blocks),
             num_warps=4 if consts["BLOCK_H"] * consts["HEAD_DIM_PAD"] >= 1024 else 1, num_stages=1,

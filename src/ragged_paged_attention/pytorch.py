@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import tuning
+from .pytorch_kv import write_kv_pages  # noqa: F401  (the PyTorch twin of kv_cache.write_kv_pages)
 from .triton import attention_constants, num_blocks, reduce_constants
 from .validate import Dims, RaggedPagedAttentionError, check_static, check_values
 
@@ -24,13 +25,16 @@ _JNP = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "fl
         torch.float64: "float32"}  # float64 would need jax x64; as float32 it fails the same checks
 
 
-def _Spec(t: torch.Tensor):
+def _Spec(t: torch.Tensor, arg: str):
     """Shape and dtype of a tensor, in the form the shared static checks read."""
     import jax
 
     name = _JNP.get(t.dtype)
     if name is None or t.dtype == torch.float64:
-        raise RaggedPagedAttentionError(f"unsupported tensor dtype {t.dtype} (shape {tuple(t.shape)})")
+        raise RaggedPagedAttentionError(
+            f"{arg} has unsupported dtype {t.dtype} (shape {tuple(t.shape)}); expected "
+            + ("int32" if arg in ("context_lens", "block_tables", "query_start_loc", "num_seqs")
+               else "float32, bfloat16 or float16" + (" (or float8_e4m3fn)" if arg == "kv_pages" else "")))
     return jax.ShapeDtypeStruct(tuple(t.shape), name)
 
 
@@ -64,7 +68,8 @@ def _launch(queries, kv_pages, context_lens, block_tables, query_start_loc, num_
     sms, name = _num_sms(queries.device)
     cfg = cfg or tuning.launch_config(dims, num_sms=sms, gpu_name=name, num_queries_per_block=num_queries_per_block,
                                num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps,
-                               num_stages=num_stages)
+                               num_stages=num_stages,
+                               sliding_window=sliding_window is not None)
     consts = attention_constants(dims, cfg, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
                                  sliding_window=sliding_window, use_sinks=sinks is not None,
                                  kv_fp8=kv_pages.dtype == torch.float8_e4m3fn, compute_dtype=compute_dtype)
@@ -155,16 +160,17 @@ def ragged_page_attention_v2(
         if not isinstance(t, torch.Tensor):
             raise RaggedPagedAttentionError(f"{name} must be a torch tensor, got {type(t).__name__}")
     nseq_t = num_seqs if isinstance(num_seqs, torch.Tensor) else None
-    aux_spec = None if softmax_aux is None else _Spec(softmax_aux)
+    aux_spec = None if softmax_aux is None else _Spec(softmax_aux, "softmax_aux")
     dims = check_static(
-        _Spec(queries), _Spec(kv_pages), _Spec(context_lens), _Spec(block_tables), _Spec(query_start_loc),
-        _Spec(nseq_t) if nseq_t is not None else num_seqs,
+        _Spec(queries, "queries"), _Spec(kv_pages, "kv_pages"), _Spec(context_lens, "context_lens"),
+        _Spec(block_tables, "block_tables"), _Spec(query_start_loc, "query_start_loc"),
+        _Spec(nseq_t, "num_seqs") if nseq_t is not None else num_seqs,
         softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap, compute_dtype=cdt,
         sliding_window=sliding_window, softmax_aux=aux_spec, mask_value=mask_value,
         num_kv_pages_per_block=num_kv_pages_per_block, num_queries_per_block=num_queries_per_block,
         num_warps=num_warps, num_stages=num_stages,
-        k_scale=None if k_scale is None else (k_scale if not isinstance(k_scale, torch.Tensor) else _Spec(k_scale)),
-        v_scale=None if v_scale is None else (v_scale if not isinstance(v_scale, torch.Tensor) else _Spec(v_scale)),
+        k_scale=None if k_scale is None else (k_scale if not isinstance(k_scale, torch.Tensor) else _Spec(k_scale, "k_scale")),
+        v_scale=None if v_scale is None else (v_scale if not isinstance(v_scale, torch.Tensor) else _Spec(v_scale, "v_scale")),
     )
     dev = queries.device
     for name, t in (("kv_pages", kv_pages), ("context_lens", context_lens), ("block_tables", block_tables),
@@ -173,7 +179,8 @@ def ragged_page_attention_v2(
             raise RaggedPagedAttentionError(f"{name} must be on {dev} like queries, got {t.device}")
     if check_inputs:
         check_values(context_lens.cpu().numpy(), block_tables.cpu().numpy(), query_start_loc.cpu().numpy(),
-                     int(num_seqs) if nseq_t is None else nseq_t.cpu().numpy(), dims)
+                     int(num_seqs) if nseq_t is None else nseq_t.cpu().numpy(), dims,
+                     sliding_window=sliding_window)
     num_seqs_t = nseq_t.to(dev) if nseq_t is not None else torch.tensor([int(num_seqs)], dtype=torch.int32, device=dev)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dims.head_dim)
     sinks = None if softmax_aux is None else _sinks(softmax_aux.to(dev), dims.num_q_heads, dims.num_kv_heads, dev)

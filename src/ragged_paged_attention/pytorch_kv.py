@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import check_write_static, check_write_values, write_launch
-from .pytorch import _Spec
 from .validate import RaggedPagedAttentionError
 
 
@@ -39,6 +38,10 @@ def _write_op(kv_pages: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 @_write_op.register_fake
 def _(kv_pages, keys, values, slot_mapping, scales) -> None:
+    # Under torch.compile the wrapper's checks are skipped; the static ones run here, at trace time.
+    from .pytorch import _Spec  # here, so pytorch.py can re-export this module's write_kv_pages
+
+    check_write_static(_Spec(kv_pages, "kv_pages"), _Spec(keys, "keys"), _Spec(values, "values"), _Spec(slot_mapping, "slot_mapping"))
     return None
 
 
@@ -68,13 +71,30 @@ def write_kv_pages(
     Same layout, padding, dtype and float8_e4m3fn quantisation rules as the JAX call; returns
     ``kv_pages`` itself. ``kv_pages`` must be contiguous (a copy would lose the write). With
     ``check_inputs`` the slot values are copied to the host and checked (in range, unique); skip
-    it inside CUDA graphs.
+    it inside CUDA graphs. Under torch.compile only the shape/dtype checks run (at trace time).
     """
+    if not torch.compiler.is_compiling():
+        _check(kv_pages, keys, values, slot_mapping, k_scale, v_scale, check_inputs)
+    if keys.shape[0] == 0:
+        return kv_pages
+    dev = kv_pages.device
+    scales = None
+    if kv_pages.dtype == torch.float8_e4m3fn:
+        ks = torch.as_tensor(1.0 if k_scale is None else k_scale, dtype=torch.float32, device=dev).reshape(1)
+        vs = torch.as_tensor(1.0 if v_scale is None else v_scale, dtype=torch.float32, device=dev).reshape(1)
+        scales = torch.cat([ks, vs])
+    _write_op(kv_pages, keys, values, slot_mapping, scales)
+    return kv_pages
+
+
+def _check(kv_pages, keys, values, slot_mapping, k_scale, v_scale, check_inputs: bool) -> None:
     for name, t in (("kv_pages", kv_pages), ("keys", keys), ("values", values), ("slot_mapping", slot_mapping)):
         if not isinstance(t, torch.Tensor):
             raise RaggedPagedAttentionError(f"{name} must be a torch tensor, got {type(t).__name__}")
-    scale_specs = [None if s is None else (_Spec(s) if isinstance(s, torch.Tensor) else s) for s in (k_scale, v_scale)]
-    check_write_static(_Spec(kv_pages), _Spec(keys), _Spec(values), _Spec(slot_mapping), *scale_specs)
+    from .pytorch import _Spec
+
+    scale_specs = [None if s is None else (_Spec(s, n) if isinstance(s, torch.Tensor) else s) for s, n in ((k_scale, "k_scale"), (v_scale, "v_scale"))]
+    check_write_static(_Spec(kv_pages, "kv_pages"), _Spec(keys, "keys"), _Spec(values, "values"), _Spec(slot_mapping, "slot_mapping"), *scale_specs)
     dev = kv_pages.device
     for name, t in (("keys", keys), ("values", values), ("slot_mapping", slot_mapping)):
         if t.device != dev:
@@ -85,13 +105,5 @@ def write_kv_pages(
     num_pages, page_size = kv_pages.shape[:2]
     if check_inputs:
         check_write_values(slot_mapping.cpu().numpy(), num_pages * page_size)
-    if keys.shape[0] == 0:
-        return kv_pages
-    _check_interpreter(dev)
-    scales = None
-    if kv_pages.dtype == torch.float8_e4m3fn:
-        ks = torch.as_tensor(1.0 if k_scale is None else k_scale, dtype=torch.float32, device=dev).reshape(1)
-        vs = torch.as_tensor(1.0 if v_scale is None else v_scale, dtype=torch.float32, device=dev).reshape(1)
-        scales = torch.cat([ks, vs])
-    _write_op(kv_pages, keys, values, slot_mapping, scales)
-    return kv_pages
+    if keys.shape[0]:
+        _check_interpreter(dev)

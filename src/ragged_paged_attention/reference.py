@@ -31,6 +31,27 @@ def block_layout(query_start_loc, num_seqs, max_num_seqs: int, block_q: int):
     return jnp.where(idx <= num_seqs, fb, jnp.iinfo(jnp.int32).max)
 
 
+def _vma(x) -> frozenset:
+    """Mesh axes x varies over inside shard_map (empty outside it, or on older JAX)."""
+    try:
+        aval = jax.typeof(x)
+    except Exception:
+        return frozenset()
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def _varying(x, vma: frozenset):
+    missing = tuple(sorted(vma - _vma(x)))
+    if not missing:
+        return x
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, missing, to="varying")
+    return lax.pvary(x, missing)
+
+
 def num_query_blocks(total_tokens: int, max_num_seqs: int, block_q: int) -> int:
     return total_tokens // block_q + max_num_seqs
 
@@ -77,6 +98,10 @@ def ragged_paged_attention_xla(
     fb = block_layout(qsl, num_seqs, max_num_seqs, block_q)
     n_blocks = num_query_blocks(total_tokens, max_num_seqs, block_q)
     sink_init = None if sinks is None else sinks.astype(jnp.float32).reshape(num_kv_heads, group, 1)
+    # Inside shard_map the loop's results vary over the mesh axes its operands vary over; its
+    # fresh initial values must be marked the same way or while_loop rejects the carry.
+    vma = frozenset().union(*(_vma(x) for x in (queries, kv_pages, context_lens, block_tables,
+                                                 query_start_loc, num_seqs, sinks, kv_scales) if x is not None))
 
     def one_block(b):
         seq = jnp.clip(jnp.searchsorted(fb, b, side="right").astype(jnp.int32) - 1, 0, max_num_seqs - 1)
@@ -106,6 +131,7 @@ def ragged_paged_attention_xla(
             m0 = jnp.broadcast_to(sink_init, (num_kv_heads, group, block_q))
             l0 = jnp.ones((num_kv_heads, group, block_q), jnp.float32)
         acc0 = jnp.zeros((num_kv_heads, group, block_q, head_dim), jnp.float32)
+        m0, l0, acc0 = (_varying(x, vma) for x in (m0, l0, acc0))
 
         def body(carry):
             t, m, l, acc = carry

@@ -145,7 +145,8 @@ def sharded_ragged_page_attention_v2(
     n = _axis_size(mesh, axis_name, caller)
     _check_heads(caller, axis_name, n, dims.num_q_heads, dims.num_kv_heads)
     if check_inputs and all(is_concrete(x) for x in (context_lens, block_tables, query_start_loc, num_seqs)):
-        check_values(context_lens, block_tables, query_start_loc, num_seqs, dims)
+        check_values(context_lens, block_tables, query_start_loc, num_seqs, dims,
+                     sliding_window=options.get("sliding_window"))
 
     if "compute_dtype" in options:
         options["compute_dtype"] = jnp.dtype(options["compute_dtype"])

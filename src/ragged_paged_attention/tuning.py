@@ -85,6 +85,7 @@ def launch_config(
     num_warps: int | None = None,
     num_stages: int | None = None,
     num_splits: int | None = None,
+    sliding_window: bool = False,
 ) -> LaunchConfig:
     """Triton launch configuration for a batch of these shapes on a GPU with num_sms SMs.
 
@@ -110,8 +111,10 @@ def launch_config(
         tile_n = next_pow2(int(num_kv_pages_per_block) * dims.page_size)
     elif "tile_n" in tuned:
         tile_n = int(tuned["tile_n"])
+    elif kind == "prefill":
+        tile_n = 128 if d_pad <= 64 else 64
     else:
-        tile_n = 64 if (kind == "prefill" or d_pad >= 256) else 128
+        tile_n = 64 if d_pad >= 256 else 128
     tile_n = max(16, tile_n)
     # Keep one tile's registers in reach: rows x keys and rows x head_dim f32 accumulators.
     while block_m * tile_n > 128 * 128 and tile_n > 16:
@@ -126,9 +129,15 @@ def launch_config(
             partial_bytes = dims.total_tokens * dims.num_q_heads * d_pad * 4
             num_splits = max(1, min(next_pow2(want) if want > 1 else 1, max_tiles, 32,
                                     max(1, (256 << 20) // max(1, partial_bytes))))
+    # Defaults from the H100 sweep in benchmarks/sweep_h100_v1.log: 4 warps everywhere; 2 stages
+    # for decode (and d64 prefill), 3 for d128 prefill.
     if num_warps is None:
-        num_warps = int(tuned.get("num_warps", 8 if (kind == "prefill" and block_m >= 128) else 4))
+        num_warps = int(tuned.get("num_warps", 4))
+        if kind == "prefill" and sliding_window and block_m >= 128:
+            # The window's extra edge-tile loop pushes the 4-warp 128-row tile past 1 KB of
+            # spills per thread (ptxas, compile_check); 8 warps compile without spills.
+            num_warps = 8
     if num_stages is None:
-        num_stages = int(tuned.get("num_stages", 3))
+        num_stages = int(tuned.get("num_stages", 3 if (kind == "prefill" and d_pad > 64) else 2))
     return LaunchConfig(block_m=block_m, block_q=block_q, tile_n=tile_n, num_splits=num_splits,
                         num_warps=num_warps, num_stages=num_stages)

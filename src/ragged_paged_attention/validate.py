@@ -207,8 +207,13 @@ def check_static(
                 max_num_seqs, pages_per_seq)
 
 
-def check_values(context_lens, block_tables, query_start_loc, num_seqs, dims: Dims) -> None:
-    """Checks that need the index arrays' values (host copies); callers skip it for tracers."""
+def check_values(context_lens, block_tables, query_start_loc, num_seqs, dims: Dims, *,
+                 sliding_window: int | None = None) -> None:
+    """Checks that need the index arrays' values (host copies); callers skip it for tracers.
+
+    Only pages that will be read must be valid: none for a sequence with no queries, and with a
+    sliding window none wholly before the first query's window.
+    """
     ctx = np.asarray(context_lens).astype(np.int64)
     bt = np.asarray(block_tables).astype(np.int64)
     qsl = np.asarray(query_start_loc).astype(np.int64)
@@ -239,9 +244,15 @@ def check_values(context_lens, block_tables, query_start_loc, num_seqs, dims: Di
               "(queries are the last q_len tokens of the sequence)")
     pages_needed = -(-kv // dims.page_size)
     for i in range(n):
-        row = bt[i, : pages_needed[i]]
+        if steps[i] == 0:
+            continue
+        first = 0
+        if sliding_window is not None:
+            first = max(0, int(kv[i] - steps[i]) - int(sliding_window) + 1) // dims.page_size
+        row = bt[i, first: pages_needed[i]]
         if row.size and (row.min() < 0 or row.max() >= dims.num_pages):
-            j = int(np.argmax((row < 0) | (row >= dims.num_pages)))
+            j = first + int(np.argmax((row < 0) | (row >= dims.num_pages)))
+            row = bt[i]
             _fail(f"block_tables[{i}, {j}]={row[j]} is read (context_lens[{i}]={kv[i]}) but is outside "
                   f"[0, num_pages={dims.num_pages})")
 

@@ -59,7 +59,7 @@ def _tile(
     acc, m_i, l_i, q, t, qk_scale,
     kv_ptr,      # [num_pages, page_size, 2 * num_kv_heads, head_dim]
     bt_row_ptr,  # [pages_per_seq] this sequence's block table row
-    kvh, pos, kv_len,
+    kvh, pos, kv_len, lo,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     SOFT_CAP: tl.constexpr, USE_SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, USE_WINDOW: tl.constexpr,
@@ -69,7 +69,9 @@ def _tile(
     offs_n = t * TILE_N + tl.arange(0, TILE_N)                       # key positions (TILE_N,)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     if MASK:
-        key_ok = offs_n < kv_len
+        # Keys before the block's window start are never loaded: a server may have freed (and
+        # poisoned) the pages a sliding window has left behind.
+        key_ok = (offs_n < kv_len) & (offs_n >= lo)
         page = tl.load(bt_row_ptr + offs_n // PAGE_SIZE, mask=key_ok, other=0)
     else:
         page = tl.load(bt_row_ptr + offs_n // PAGE_SIZE)
@@ -108,11 +110,11 @@ def _tile(
         vis = offs_n[None, :] <= pos[:, None]
         if USE_WINDOW:
             vis = vis & (offs_n[None, :] > pos[:, None] - WINDOW)
-        s = tl.where(vis, s, -2.381976426469702e38)
+        # -inf, not a finite stand-in: m_i starts finite (NEG), so m_new stays finite and the
+        # masked probabilities come out exactly 0 without a second select (fewer live registers).
+        s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
-    if MASK:
-        p = tl.where(vis, p, 0.0)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -186,18 +188,18 @@ def _attend(
     # Edge tiles below the window, then full tiles, then the causal diagonal: masks only on edges.
     e1 = tl.minimum(t_end, full_lo)
     for t in range(t_begin, e1):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, t, qk_scale, kv_ptr, bt_row_ptr, kvh, pos, kv_len,
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, t, qk_scale, kv_ptr, bt_row_ptr, kvh, pos, kv_len, lo,
                               NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, TILE_N, SOFT_CAP,
                               USE_SOFTCAP, WINDOW, USE_WINDOW, COMPUTE, True)
     f0 = tl.maximum(t_begin, full_lo)
     f1 = tl.minimum(t_end, full_hi)
     for t in range(f0, f1):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, t, qk_scale, kv_ptr, bt_row_ptr, kvh, pos, kv_len,
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, t, qk_scale, kv_ptr, bt_row_ptr, kvh, pos, kv_len, lo,
                               NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, TILE_N, SOFT_CAP,
                               USE_SOFTCAP, WINDOW, USE_WINDOW, COMPUTE, False)
     e2 = tl.maximum(tl.maximum(t_begin, full_lo), full_hi)
     for t in range(e2, t_end):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, t, qk_scale, kv_ptr, bt_row_ptr, kvh, pos, kv_len,
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, t, qk_scale, kv_ptr, bt_row_ptr, kvh, pos, kv_len, lo,
                               NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, TILE_N, SOFT_CAP,
                               USE_SOFTCAP, WINDOW, USE_WINDOW, COMPUTE, True)
     if KV_FP8:
