@@ -80,8 +80,12 @@ for step in "${STEPS[@]}"; do
     timeout_opt=()
     python3 -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout 900)
     # shellcheck disable=SC2086
+    # Big-memory tests (marked bigmem: the > 2^31-element cache) run alone afterwards: with several
+    # xdist workers sharing the card they ran out of memory (benchmarks/results/gpu_tests_h100.md).
     run_step tests "$OUT/pytest.log" python3 -m pytest tests -q -rfE ${timeout_opt[@]+"${timeout_opt[@]}"} -p no:cacheprovider \
-      --junitxml "$OUT/junit.xml" ${PYTEST_ARGS:-}
+      -m "not bigmem" --junitxml "$OUT/junit.xml" ${PYTEST_ARGS:-}
+    run_step tests-bigmem "$OUT/pytest.log.bigmem" python3 -m pytest tests -q -rfE ${timeout_opt[@]+"${timeout_opt[@]}"} -p no:cacheprovider \
+      -m bigmem
     ;;
   compile)
     if python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('ragged_paged_attention.triton.compile_check') is None)" 2>/dev/null; then

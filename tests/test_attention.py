@@ -194,6 +194,7 @@ def _free_gpu_bytes(backend: str) -> int:
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 @pytest.mark.parametrize("name", ["jax-triton", "torch-cuda", "xla"])
 def test_kv_cache_over_2_31_elements(name):
     reason = backends.unavailable(name)

@@ -3,7 +3,6 @@ write_kv_pages, which puts a step's new keys and values into the pages."""
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import jax
@@ -13,7 +12,8 @@ from jaxtyping import Array, Float, Int
 
 from .api import _kv_scales, _use_triton
 from .tuning import next_pow2
-from .validate import FP8_E4M3_MAX, KV_DTYPES, QUERY_DTYPES, RaggedPagedAttentionError, is_concrete
+from .validate import (FP8_E4M3_MAX, KV_DTYPES, QUERY_DTYPES, RaggedPagedAttentionError, check_kv_scales,
+                       is_concrete)
 
 
 def combine_kv_pages(
@@ -79,21 +79,7 @@ def check_write_static(kv_pages, keys, values, slot_mapping, k_scale=None, v_sca
         _fail(f"slot_mapping must be an integer array (int32), got dtype {slot_mapping.dtype}")
     if slot_mapping.shape[0] != num_tokens:
         _fail(f"slot_mapping must have length num_tokens={num_tokens} (keys.shape[0]), got {slot_mapping.shape[0]}")
-    fp8 = jnp.dtype(kv_pages.dtype) == jnp.dtype(jnp.float8_e4m3fn)
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if s is None:
-            continue
-        if not fp8:
-            _fail(f"{name} is only meaningful for a float8_e4m3fn kv_pages cache, got kv_pages dtype {kv_pages.dtype}")
-        if isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool):
-            if not (math.isfinite(float(s)) and float(s) > 0):
-                _fail(f"{name} must be a positive finite float, got {s}")
-        elif getattr(s, "shape", None) is not None and math.prod(s.shape) == 1:
-            if not jnp.issubdtype(jnp.dtype(s.dtype), jnp.floating):
-                _fail(f"{name} must be a float32 scalar, got dtype {s.dtype}")
-        else:
-            _fail(f"{name} must be a Python float or a float32 scalar array, got {type(s).__name__} "
-                  f"with shape {getattr(s, 'shape', None)}")
+    check_kv_scales(kv_pages.dtype, k_scale, v_scale)
 
 
 def check_write_values(slot_mapping, num_slots: int) -> None:

@@ -188,12 +188,20 @@ def check_static(
     if num_warps is not None and num_warps & (num_warps - 1):
         _fail(f"num_warps must be a power of two, got {num_warps}")
 
-    fp8 = jnp.dtype(kv_pages.dtype) == jnp.dtype(jnp.float8_e4m3fn)
+    check_kv_scales(kv_pages.dtype, k_scale, v_scale)
+
+    return Dims(total_tokens, num_q_heads, head_dim, num_pages, page_size, num_kv_heads,
+                max_num_seqs, pages_per_seq)
+
+
+def check_kv_scales(kv_dtype, k_scale, v_scale) -> None:
+    """k_scale / v_scale: only with a float8_e4m3fn cache; positive floats or float32 scalars."""
+    fp8 = jnp.dtype(kv_dtype) == jnp.dtype(jnp.float8_e4m3fn)
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is None:
             continue
         if not fp8:
-            _fail(f"{name} is only meaningful for a float8_e4m3fn kv_pages cache, got kv_pages dtype {kv_pages.dtype}")
+            _fail(f"{name} is only meaningful for a float8_e4m3fn kv_pages cache, got kv_pages dtype {kv_dtype}")
         if isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool):
             if not (math.isfinite(float(s)) and float(s) > 0):
                 _fail(f"{name} must be a positive finite float, got {s}")
@@ -201,10 +209,8 @@ def check_static(
             if not jnp.issubdtype(jnp.result_type(s), jnp.floating):
                 _fail(f"{name} must be a float32 scalar, got dtype {jnp.result_type(s)}")
         else:
-            _fail(f"{name} must be a Python float or a float32 scalar array, got {type(s).__name__}")
-
-    return Dims(total_tokens, num_q_heads, head_dim, num_pages, page_size, num_kv_heads,
-                max_num_seqs, pages_per_seq)
+            _fail(f"{name} must be a Python float or a float32 scalar array, got {type(s).__name__} "
+                  f"with shape {getattr(s, 'shape', None)}")
 
 
 def check_values(context_lens, block_tables, query_start_loc, num_seqs, dims: Dims, *,
