@@ -12,8 +12,8 @@ from jaxtyping import Array, Float, Int
 
 from .api import _kv_scales, _use_triton
 from .tuning import next_pow2
-from .validate import (FP8_E4M3_MAX, KV_DTYPES, QUERY_DTYPES, RaggedPagedAttentionError, check_kv_scales,
-                       is_concrete)
+from .validate import (FP8_E4M3_MAX, KV_DTYPES, QUERY_DTYPES, RaggedPagedAttentionError, _fail,
+                       check_kv_scales, is_concrete)
 
 
 def combine_kv_pages(
@@ -40,10 +40,6 @@ def split_kv_pages(kv_pages: Float[Array, "num_pages page_size two_num_kv_heads 
 
 
 # --- writing new K/V into the pages ---------------------------------------------------------------
-
-
-def _fail(msg: str):
-    raise RaggedPagedAttentionError(msg)
 
 
 def check_write_static(kv_pages, keys, values, slot_mapping, k_scale=None, v_scale=None) -> None:
