@@ -11,14 +11,9 @@ head h * G + r % G), so each K/V tile is read once per KV head. Logits live in t
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-# Finite "minus infinity" for the running max: NEG - NEG == 0 (no NaN), exp2(NEG - m) == 0.
-NEG = -2.381976426469702e38
-
-# compute dtype codes (constexpr)
-F32 = 0
-BF16 = 1
-F16 = 2
+# Literals used below (Triton kernels do not read Python globals): 1.4426950408889634 = log2(e);
+# -2.381976426469702e38 = the finite "minus infinity" the running max starts from (NEG - NEG == 0,
+# no NaN; exp2(NEG - m) == 0). COMPUTE codes (0 f32, 1 bf16, 2 f16) come from triton.COMPUTE_CODES.
 
 
 @triton.jit
