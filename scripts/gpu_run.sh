@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one script to run on the GPU machine, from the repository root, with $OUT set:
 #
-#   OUT=/some/dir scripts/gpu_run.sh [tests] [compile] [memcheck] [bench]     (no argument: all four)
+#   OUT=/some/dir scripts/gpu_run.sh [tests] [compile] [memcheck] [demo] [bench]   (no argument: all five)
 #
 # Steps, in this order, each logged to $OUT/<step>.log, a failure never stopping the next:
 #   tests     python3 -m pytest tests (TRITON_INTERPRET unset, so the GPU backends run) -> pytest.log, junit.xml
 #   compile   python3 -m ragged_paged_attention.triton.compile_check --json $OUT/compile.json
 #   memcheck  compute-sanitizer memcheck over scripts/memcheck_cases.py -> memcheck.log
+#   demo      python3 -m ragged_paged_attention demo (the serving demo, Triton path) -> demo.log
 #   bench     python3 -m ragged_paged_attention.bench --out $OUT -> bench.log, <gpu>.json, <gpu>.png
 # then summary.txt: the versions, one line per step (exit code, seconds, headline). At most 8 files
 # are left in $OUT (the device returns no more): logs beyond those are folded into summary.txt.
@@ -14,7 +15,9 @@
 # A device call runs at most 600 s: run the tests and the benchmark in separate calls
 # (e.g. `scripts/gpu_run.sh tests compile memcheck`, then `scripts/gpu_run.sh bench`).
 # Environment knobs:
-#   PYTEST_ARGS       extra pytest arguments (e.g. "-x -k decode")
+#   PYTEST_ARGS       extra pytest arguments (e.g. "-n 8 -x -k decode")
+#   TEST_PATHS        what pytest collects (default "tests"; e.g. "tests/test_attention.py")
+#   BIGMEM            0 skips the serial run of the bigmem tests after the others (default 1)
 #   BENCH_ARGS        extra benchmark arguments (e.g. "--quick", "--impls triton,xla", "--workloads a,b")
 #   BENCH_DEADLINE    seconds the benchmark may take before it skips what is left (default 480)
 #   MEMCHECK_TIMEOUT  seconds for the memcheck step (default 420)
@@ -24,9 +27,9 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests compile memcheck bench)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests compile memcheck demo bench)
 for s in "${STEPS[@]}"; do
-  case $s in tests|compile|memcheck|bench) ;; *) echo "unknown step '$s' (tests compile memcheck bench)"; exit 2 ;; esac
+  case $s in tests|compile|memcheck|demo|bench) ;; *) echo "unknown step '$s' (tests compile memcheck demo bench)"; exit 2 ;; esac
 done
 
 SUMMARY=$OUT/summary.txt
@@ -82,10 +85,16 @@ for step in "${STEPS[@]}"; do
     # shellcheck disable=SC2086
     # Big-memory tests (marked bigmem: the > 2^31-element cache) run alone afterwards: with several
     # xdist workers sharing the card they ran out of memory (benchmarks/results/gpu_tests_h100.md).
-    run_step tests "$OUT/pytest.log" python3 -m pytest tests -q -rfE ${timeout_opt[@]+"${timeout_opt[@]}"} -p no:cacheprovider \
-      -m "not bigmem" --junitxml "$OUT/junit.xml" ${PYTEST_ARGS:-}
-    run_step tests-bigmem "$OUT/pytest.log.bigmem" python3 -m pytest tests -q -rfE ${timeout_opt[@]+"${timeout_opt[@]}"} -p no:cacheprovider \
-      -m bigmem
+    # -v: one line per test as it finishes, so a run cut short by the call's time limit still says
+    # which tests passed.
+    # shellcheck disable=SC2086
+    run_step tests "$OUT/pytest.log" python3 -m pytest ${TEST_PATHS:-tests} -v -rfE ${timeout_opt[@]+"${timeout_opt[@]}"} \
+      -p no:cacheprovider -m "not bigmem" --junitxml "$OUT/junit.xml" ${PYTEST_ARGS:-}
+    if [ "${BIGMEM:-1}" != 0 ]; then
+      # shellcheck disable=SC2086
+      run_step tests-bigmem "$OUT/pytest.log.bigmem" python3 -m pytest ${TEST_PATHS:-tests} -v -rfE \
+        ${timeout_opt[@]+"${timeout_opt[@]}"} -p no:cacheprovider -m bigmem
+    fi
     ;;
   compile)
     if python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('ragged_paged_attention.triton.compile_check') is None)" 2>/dev/null; then
@@ -104,6 +113,9 @@ for step in "${STEPS[@]}"; do
         "$cs" --tool memcheck --leak-check no --error-exitcode 3 python3 scripts/memcheck_cases.py
     fi
     ;;
+  demo)
+    run_step demo "$OUT/demo.log" timeout 300 python3 -m ragged_paged_attention demo
+    ;;
   bench)
     deadline=${BENCH_DEADLINE:-480}
     # SIGINT first: the benchmark writes what it measured before it exits.
@@ -117,10 +129,11 @@ done
 # --- summary ----------------------------------------------------------------------------------
 headline() {  # one line of what a step's log says
   case $1 in
-  tests) grep -E '^(=+ )?[0-9]+ (passed|failed)|[0-9]+ (passed|failed|error)' "$2" | tail -n 1 ;;
+  tests|tests-bigmem) grep -E '^(=+ )?[0-9]+ (passed|failed)|[0-9]+ (passed|failed|error)' "$2" | tail -n 1 ;;
   compile) tail -n 3 "$2" | grep -v '^===' | tail -n 1 ;;
   memcheck) { grep -E 'ERROR SUMMARY|all cases ok|SOME CASES FAILED' "$2" || tail -n 1 "$2"; } | tr '\n' ' ' ;;
   bench) grep -E '^targets met|^wrote ' "$2" | tr '\n' ' ' ;;
+  demo) grep -E 'all tokens match|throughput, generated' "$2" | tr -s ' ' | tr '\n' ' ' ;;
   esac
 }
 say ""
@@ -135,7 +148,7 @@ for r in "${RESULTS[@]}"; do
 done
 
 # The device returns at most 8 files: fold the compile log, and anything else extra, into summary.txt.
-keep_re='^(pytest\.log|junit\.xml|compile\.json|memcheck\.log|bench\.log|summary\.txt|.*\.json|.*\.png)$'
+keep_re='^(pytest\.log|junit\.xml|compile\.json|memcheck\.log|demo\.log|bench\.log|summary\.txt|.*\.json|.*\.png)$'
 for f in "$OUT"/*; do
   b=$(basename "$f")
   if [ -f "$f" ] && { [ "$b" = compile.log ] || ! [[ $b =~ $keep_re ]]; }; then

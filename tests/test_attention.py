@@ -6,6 +6,8 @@ Backends (see backends.py): "xla" everywhere, "interpret" (Triton interpreter, C
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -110,6 +112,32 @@ def test_num_seqs_zero_gives_zeros(backend, dtype):
     res = backends.run(backend, batch)
     assert res.shape == batch.queries.shape and res.dtype == dtype
     assert not res.out.any()
+
+
+@pytest.mark.parametrize("knobs", [{}, {"num_queries_per_block": 1}, {"num_queries_per_block": 4}],
+                         ids=["default", "one-query-blocks", "four-query-blocks"])
+def test_rows_of_no_sequence_are_written_as_zeros(backend, knobs, monkeypatch):
+    """Rows before query_start_loc[0] and at/past query_start_loc[num_seqs] come out exactly 0.
+
+    The Triton kernels write every output row themselves (no memset before the launch): the
+    PyTorch front door's output buffer is poisoned with NaN here to prove it.
+    """
+    case = case_by_name("mixed_small", "float32")
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    shift = 2  # sequences start at row 2: rows 0, 1 and the last extra_tokens - 2 rows are nobody's
+    assert case.extra_tokens > shift
+    qsl = batch.query_start_loc.copy()
+    qsl[: batch.num_seqs + 1] += shift
+    batch = dataclasses.replace(batch, query_start_loc=qsl)
+    if backend in ("interpret", "torch-cuda"):
+        import torch
+
+        empty_like = torch.empty_like
+        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
+    res = backends.run(backend, batch, **knobs)
+    assert not res.out[:shift].any(), "rows before query_start_loc[0] are not zero"
+    check_result(res, batch, batch.oracle(), case.tolerance)
 
 
 def test_fewer_live_sequences_than_filled(backend):

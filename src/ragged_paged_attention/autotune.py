@@ -32,9 +32,14 @@ def candidates(kind: str, base: tuning.LaunchConfig) -> list[tuning.LaunchConfig
     if kind == "decode":
         return [tuning.LaunchConfig(base.block_m, 1, tn, base.num_splits, nw, st)
                 for tn, nw, st in itertools.product([32, 64, 128], [4], [2, 3, 4])]
-    return [tuning.LaunchConfig(base.block_m, base.block_q, tn, 1, nw, st)
-            for tn, nw, st in itertools.product([64, 128], [4, 8], [2, 3])
-            if base.block_m * tn <= 128 * 128]
+    g = max(1, base.block_m // max(1, base.block_q))  # packed query heads per token
+    out = []
+    for rows, tn, nw, st in itertools.product([128, 256], [64, 128], [4, 8], [2, 3]):
+        bq = max(1, rows // g)
+        bm = tuning.next_pow2(bq * g)
+        if bm * tn <= 128 * 128 and not (bm >= 256 and nw < 8):  # 256 rows: one warpgroup each 128
+            out.append(tuning.LaunchConfig(bm, bq, tn, 1, nw, st))
+    return out
 
 
 def main(argv=None) -> int:
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
         qsl = torch.tensor(np.concatenate([[0], np.cumsum([x for x, _ in pairs])]), dtype=torch.int32, device=dev)
         ns = torch.tensor([s], dtype=torch.int32, device=dev)
         dims = Dims(t, h, d, p, ps, kvh, s, pps)
-        base = tuning.launch_config(dims, num_sms=sms)
+        base = tuning.launch_config(dims, num_sms=sms)  # no gpu_name: the built-in defaults, not the table
         timings = []
         for cfg in candidates(kind, base):
             def run():
@@ -78,9 +83,12 @@ def main(argv=None) -> int:
                 print(f"  {cfg}: failed ({type(e).__name__})")
         timings.sort(key=lambda x: x[0])
         best_us, best = timings[0]
-        print(f"{kind}_d{d}: best {best_us:.1f} us with tile_n={best.tile_n} num_warps={best.num_warps} "
-              f"num_stages={best.num_stages} (of {len(timings)})")
-        found[f"{kind}_d{d}"] = {"tile_n": best.tile_n, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        print(f"{kind}_d{d}: best {best_us:.1f} us with block_m={best.block_m} tile_n={best.tile_n} "
+              f"num_warps={best.num_warps} num_stages={best.num_stages} (of {len(timings)})")
+        entry = {"tile_n": best.tile_n, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        if kind == "prefill":
+            entry = {"block_rows": best.block_m, **entry}
+        found[f"{kind}_d{d}"] = entry
     path = Path(args.out)
     table = json.loads(path.read_text()) if path.exists() else {}
     key = gpu.replace("NVIDIA ", "").split()[0]

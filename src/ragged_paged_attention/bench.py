@@ -9,7 +9,9 @@ How the kernel is timed (JAX): one jitted function makes N calls, each on a dist
 kv set) pair, and returns every output, so XLA can neither merge identical calls nor drop any;
 kv sets rotate so that consecutive calls never find their pages in L2 (50 MB on an H100). Per-call
 time = median over repetitions of the jitted function's wall time / N, after warm-up. The
-"call overhead" column is one plain jitted call, dispatch to block_until_ready, as a user sees it.
+"call overhead" column is one plain jitted call, dispatch to block_until_ready, as a user sees it;
+beside it, "dispatch_us" (host time until that call returns, the device idle before it) and the
+ceilings' "jax_empty_call_us" (the same wall clock for a jitted x + 1: JAX's own floor).
 PyTorch: N calls captured in one CUDA graph, replays timed with CUDA events.
 """
 
@@ -303,6 +305,21 @@ def time_blocking_call(f, arg_sets: list, reps: int) -> float:
     return _median(times) * 1e6
 
 
+def time_dispatch(f, arg_sets: list, reps: int) -> float:
+    """Host time (us) for one call to return (enqueue only), the device idle before it, median."""
+    import jax
+
+    times = []
+    for i in range(reps):
+        args = arg_sets[i % len(arg_sets)]
+        jax.block_until_ready(args)
+        t0 = time.perf_counter()
+        out = f(*args)
+        times.append(time.perf_counter() - t0)
+        jax.block_until_ready(out)
+    return _median(times) * 1e6
+
+
 def time_pipelined(f, arg_sets: list, n: int, reps: int) -> float:
     """Per-call time (us) of n asynchronous calls back to back (for calls far longer than dispatch)."""
     import jax
@@ -348,8 +365,14 @@ def measure_ceilings(tiny: bool, quick: bool) -> dict:
     if torch_gbps is not None and torch_gbps > copy_gbps:
         copy_gbps = torch_gbps
         copy_method = f"torch copy_ of {n_elem * 2 >> 20} MiB bf16 (CUDA events), bytes read + written"
+    # The floor under every "call" number: one jitted x + 1 on 8 floats, dispatch to block_until_ready.
+    tiny_x = jnp.ones((8,), jnp.float32)
+    inc = jax.jit(lambda x: x + 1)
+    jax.block_until_ready(inc(tiny_x))
+    empty_us = time_blocking_call(inc, [(tiny_x,)], 50 if quick or tiny else 200)
     return {"copy_gbps": float(f"{copy_gbps:.4g}"), "matmul_tflops": float(f"{tflops:.4g}"),
-            "copy_method": copy_method, "matmul_method": f"jnp.matmul bf16 {m}x{m}x{m}"}
+            "copy_method": copy_method, "matmul_method": f"jnp.matmul bf16 {m}x{m}x{m}",
+            "jax_empty_call_us": round(empty_us, 1)}
 
 
 def _torch_copy_gbps(n_elem: int, reps: int) -> float | None:
@@ -565,6 +588,7 @@ def bench_triton(w: Workload, ctx: Ctx) -> dict:
         extra.update(check(w, out, arg_sets[0]))
     del out
     call_us = time_blocking_call(single, arg_sets, max(10, 3 * ctx.reps))
+    extra["dispatch_us"] = round(time_dispatch(single, arg_sets, max(10, 3 * ctx.reps)), 1)
     # Other num_seqs, lengths and page tables at the same shapes must reuse the compiled call.
     try:
         import jax.numpy as jnp

@@ -65,13 +65,15 @@ def _bridge():
     return jax_triton, kernels
 
 
-def call(kernel, *args, out_shape, grid, num_warps=4, num_stages=3, input_output_aliases=None,
-         zeroed_outputs=(), **constexprs):
-    """jax_triton.triton_call with our defaults: arrays in, outputs appended, constexprs by name."""
+def call(kernel, *args, out_shape, grid, num_warps=4, num_stages=3, input_output_aliases=None, **constexprs):
+    """jax_triton.triton_call with our defaults: arrays in, outputs appended, constexprs by name.
+
+    Our kernels write every output element themselves: no zeroed_outputs (that is a memset per
+    call on the device, and measured host time in jax-triton's launch).
+    """
     jt, _ = _bridge()
     return jt.triton_call(*args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
-                          num_stages=num_stages, input_output_aliases=input_output_aliases or {},
-                          zeroed_outputs=zeroed_outputs, **constexprs)
+                          num_stages=num_stages, input_output_aliases=input_output_aliases or {}, **constexprs)
 
 
 def kernels():
@@ -95,7 +97,7 @@ def ragged_paged_attention_triton(
     softmax_scale: float, logits_soft_cap, sliding_window, compute_dtype,
     num_kv_pages_per_block=None, num_queries_per_block=None, num_warps=None, num_stages=None,
 ):
-    from .triton import attention_constants, num_blocks, reduce_constants
+    from .triton import attention_constants, grid, reduce_constants
 
     k = kernels()
     t, h, d = queries.shape
@@ -105,7 +107,8 @@ def ragged_paged_attention_triton(
     cfg = tuning.launch_config(dims, num_sms=sms, gpu_name=name, num_queries_per_block=num_queries_per_block,
                                num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps,
                                num_stages=num_stages,
-                               sliding_window=sliding_window is not None)
+                               sliding_window=sliding_window is not None,
+                               compute_itemsize=jnp.dtype(compute_dtype).itemsize)
     consts = attention_constants(dims, cfg, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
                                  sliding_window=sliding_window, use_sinks=sinks is not None,
                                  kv_fp8=kv_pages.dtype == jnp.float8_e4m3fn, compute_dtype=jnp.dtype(compute_dtype).name)
@@ -115,17 +118,15 @@ def ragged_paged_attention_triton(
         jnp.zeros((1,), jnp.float32) if sinks is None else sinks.astype(jnp.float32),
         jnp.ones((2,), jnp.float32) if kv_scales is None else kv_scales.astype(jnp.float32),
     )
-    nb = num_blocks(dims, cfg)
     if cfg.num_splits == 1:
         return call(k.rpa_kernel, *args, out_shape=jax.ShapeDtypeStruct(queries.shape, queries.dtype),
-                    grid=(nb, dims.num_kv_heads), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    zeroed_outputs=(0,), **consts)
+                    grid=grid(dims, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
     d_pad = consts["HEAD_DIM_PAD"]
     part, ml = call(
         k.rpa_split_kernel, *args,
         out_shape=(jax.ShapeDtypeStruct((cfg.num_splits, t, h, d_pad), jnp.float32),
                    jax.ShapeDtypeStruct((cfg.num_splits, t, h, 2), jnp.float32)),
-        grid=(nb, dims.num_kv_heads, cfg.num_splits), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        grid=grid(dims, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **consts)
     return call(k.rpa_reduce_kernel, part, ml, args[4], args[5],
                 out_shape=jax.ShapeDtypeStruct(queries.shape, queries.dtype), grid=(max(t, 1),),

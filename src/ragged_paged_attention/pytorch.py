@@ -13,7 +13,7 @@ import torch
 
 from . import tuning
 from .pytorch_kv import write_kv_pages  # noqa: F401  (the PyTorch twin of kv_cache.write_kv_pages)
-from .triton import attention_constants, num_blocks, reduce_constants
+from .triton import attention_constants, grid, reduce_constants
 from .validate import Dims, RaggedPagedAttentionError, check_static, check_values
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -69,11 +69,14 @@ def _launch(queries, kv_pages, context_lens, block_tables, query_start_loc, num_
     cfg = cfg or tuning.launch_config(dims, num_sms=sms, gpu_name=name, num_queries_per_block=num_queries_per_block,
                                num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps,
                                num_stages=num_stages,
-                               sliding_window=sliding_window is not None)
+                               sliding_window=sliding_window is not None,
+                               compute_itemsize=4 if compute_dtype == "float32" else 2)
     consts = attention_constants(dims, cfg, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
                                  sliding_window=sliding_window, use_sinks=sinks is not None,
                                  kv_fp8=kv_pages.dtype == torch.float8_e4m3fn, compute_dtype=compute_dtype)
     dev = queries.device
+    if dims.total_tokens == 0 or dims.max_num_seqs == 0:  # nothing to attend (and no slot to launch)
+        return torch.zeros_like(queries)
     q = queries.contiguous()
     kv = kv_pages.contiguous()
     ctx = context_lens.to(torch.int32).contiguous()
@@ -82,17 +85,15 @@ def _launch(queries, kv_pages, context_lens, block_tables, query_start_loc, num_
     nseq = num_seqs.to(torch.int32).reshape(1).contiguous()
     sink_t = sinks if sinks is not None else torch.zeros(1, dtype=torch.float32, device=dev)
     scale_t = scales if scales is not None else torch.ones(2, dtype=torch.float32, device=dev)
-    nb = num_blocks(dims, cfg)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.num_splits == 1:
-        out = torch.zeros_like(q)
-        kernels.rpa_kernel[(nb, dims.num_kv_heads)](q, kv, ctx, bt, qsl, nseq, sink_t, scale_t, out,
-                                                     **consts, **launch)
+        out = torch.empty_like(q)  # the kernel writes every row (rows of no sequence as zeros)
+        kernels.rpa_kernel[grid(dims, cfg)](q, kv, ctx, bt, qsl, nseq, sink_t, scale_t, out, **consts, **launch)
         return out
     d_pad = consts["HEAD_DIM_PAD"]
     part = torch.empty((cfg.num_splits, dims.total_tokens, dims.num_q_heads, d_pad), dtype=torch.float32, device=dev)
     ml = torch.empty((cfg.num_splits, dims.total_tokens, dims.num_q_heads, 2), dtype=torch.float32, device=dev)
-    kernels.rpa_split_kernel[(nb, dims.num_kv_heads, cfg.num_splits)](
+    kernels.rpa_split_kernel[grid(dims, cfg)](
         q, kv, ctx, bt, qsl, nseq, sink_t, scale_t, part, ml, **consts, **launch)
     out = torch.empty_like(q)
     if dims.total_tokens:

@@ -104,14 +104,16 @@ def ragged_paged_attention_xla(
                                                  query_start_loc, num_seqs, sinks, kv_scales) if x is not None))
 
     def one_block(b):
-        seq = jnp.clip(jnp.searchsorted(fb, b, side="right").astype(jnp.int32) - 1, 0, max_num_seqs - 1)
-        seq_ok = seq < num_seqs
+        found = jnp.searchsorted(fb, b, side="right").astype(jnp.int32) - 1
+        # Slots before the first sequence's (query_start_loc[0] > 0) belong to no sequence.
+        seq_ok = (found >= 0) & (found < num_seqs)
+        seq = jnp.clip(found, 0, max_num_seqs - 1)
         q_start, q_end = qsl[seq], qsl[seq + 1]
         q_len = q_end - q_start
         kv_len = ctx[seq]
         row0 = q_start + (b - fb[seq]) * block_q
         rows = row0 + jnp.arange(block_q, dtype=jnp.int32)                       # [BQ]
-        row_ok = seq_ok & (rows < q_end)
+        row_ok = seq_ok & (rows >= q_start) & (rows < q_end)
         pos = kv_len - q_len + (rows - q_start)                                   # [BQ] query positions
         q = queries[jnp.clip(rows, 0, total_tokens - 1)].astype(cdt)             # [BQ, H, D]
         q = q.reshape(block_q, num_kv_heads, group, head_dim)

@@ -86,13 +86,18 @@ def launch_config(
     num_stages: int | None = None,
     num_splits: int | None = None,
     sliding_window: bool = False,
+    compute_itemsize: int = 2,
 ) -> LaunchConfig:
     """Triton launch configuration for a batch of these shapes on a GPU with num_sms SMs.
 
     Decode-shaped batches (about one query per sequence slot) get one token per tile with the G
     query heads of a KV head stacked as rows, and a KV split when (sequences x KV heads) would
-    leave the GPU under-filled. Anything else gets tall prefill tiles (128 rows) for the matrix units.
+    leave the GPU under-filled. Anything else gets tall prefill tiles (128 rows, or the table's) for
+    the matrix units. The table was measured with 2-byte compute; float32 compute (compute_itemsize 4)
+    keeps the built-in defaults, whose shared memory fits (the table's 256-row d128 tile needs
+    263 KB in float32, more than an H100 SM has).
     """
+    gpu_name = gpu_name if compute_itemsize <= 2 else None
     g = dims.group_size
     d_pad = next_pow2(dims.head_dim)
     decode = dims.total_tokens <= dims.max_num_seqs
@@ -101,7 +106,9 @@ def launch_config(
     elif decode:
         block_q = 1
     else:
-        rows = 64 if d_pad >= 256 else 128
+        # Tile rows (query tokens x packed heads): the table's measured choice (H100 d128: 256 rows
+        # over two warpgroups sharing each K/V tile), else 128 (64 for head_dim 256: registers).
+        rows = int(table_entry(gpu_name, "prefill", d_pad).get("block_rows", 64 if d_pad >= 256 else 128))
         block_q = max(1, rows // g)
     block_m = max(16, next_pow2(block_q * g))
     kind = "decode" if block_q == 1 else "prefill"

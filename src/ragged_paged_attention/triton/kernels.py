@@ -1,7 +1,7 @@
 """Triton kernels for ragged paged attention. @triton.jit code only: no jax, no torch.
 
-One launch covers a whole ragged batch. Program (b, h[, s]) takes query-block slot b, KV head h
-(and KV split s): slot b belongs to the sequence i with qsl[i] // BLOCK_Q + i <= b < the next
+One launch covers a whole ragged batch. Program (b * num_kv_heads + h[, s]) takes query-block
+slot b, KV head h (and KV split s): slot b belongs to the sequence i with qsl[i] // BLOCK_Q + i <= b < the next
 sequence's start, which gives a grid sized from array shapes alone. The G = num_q_heads //
 num_kv_heads query heads sharing KV head h are packed into the tile's rows (row r: token r // G,
 head h * G + r % G), so each K/V tile is read once per KV head. Logits live in the log2 domain
@@ -203,9 +203,14 @@ def _attend(
 
 
 @triton.jit
-def _block_prologue(qsl_ptr, nseq_ptr, ctx_ptr, BLOCK_Q: tl.constexpr, NUM_BLOCKS: tl.constexpr):
+def _block_prologue(qsl_ptr, nseq_ptr, ctx_ptr, BLOCK_Q: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+                    NUM_KV_HEADS: tl.constexpr):
+    # program_id(0) = slot-major, KV-head-minor: the programs running side by side read the K/V
+    # of one sequence's heads, which share every page row (measured 2-10 % faster than head-major).
     # Heaviest blocks (last of each sequence under the causal mask) are launched first.
-    b = NUM_BLOCKS - 1 - tl.program_id(0)
+    pid = tl.program_id(0)
+    kvh = pid % NUM_KV_HEADS
+    b = NUM_BLOCKS - 1 - pid // NUM_KV_HEADS
     num_seqs = tl.load(nseq_ptr)
     seq = _seq_of_block(qsl_ptr, num_seqs, b, BLOCK_Q)
     seq_c = tl.maximum(seq, 0)
@@ -214,7 +219,34 @@ def _block_prologue(qsl_ptr, nseq_ptr, ctx_ptr, BLOCK_Q: tl.constexpr, NUM_BLOCK
     kv_len = tl.load(ctx_ptr + seq_c)
     tok0 = q_start + (b - (q_start // BLOCK_Q + seq_c)) * BLOCK_Q
     live = (seq >= 0) & (tok0 < q_end)
-    return seq_c, q_start, q_end, kv_len, tok0, live
+    return kvh, b, num_seqs, seq_c, q_start, q_end, kv_len, tok0, live
+
+
+@triton.jit
+def _zero_unowned_rows(out_ptr, qsl_ptr, num_seqs, b, kvh,
+                       NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       TOTAL_TOKENS: tl.constexpr):
+    """Zero the rows of no sequence (before query_start_loc[0], at or past query_start_loc[num_seqs]).
+
+    Slot b owns tokens [b * BLOCK_Q, (b + 1) * BLOCK_Q) for this purpose (NUM_BLOCKS slots cover all
+    of them), independently of which sequence the slot computes: each such row is written exactly
+    once per KV head, by no other program, so the output needs no memset before the launch.
+    """
+    G: tl.constexpr = NUM_Q_HEADS // NUM_KV_HEADS
+    first = tl.load(qsl_ptr)
+    last = tl.load(qsl_ptr + num_seqs)
+    z0 = b * BLOCK_Q
+    if (z0 < TOTAL_TOKENS) & ((z0 < first) | (z0 + BLOCK_Q > last)):
+        rows = tl.arange(0, BLOCK_M)
+        tok = z0 + rows // G
+        head = kvh * G + rows % G
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        dead = (rows // G < BLOCK_Q) & (tok < TOTAL_TOKENS) & ((tok < first) | (tok >= last))
+        o_off = (tok.to(tl.int64) * NUM_Q_HEADS + head) * HEAD_DIM
+        tl.store(out_ptr + o_off[:, None] + offs_d[None, :],
+                 tl.zeros((BLOCK_M, HEAD_DIM_PAD), out_ptr.dtype.element_ty),
+                 mask=dead[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -227,17 +259,17 @@ def rpa_kernel(
     nseq_ptr,    # [1] int32
     sink_ptr,    # [num_q_heads] float32, read iff USE_SINKS
     scale_ptr,   # [2] float32 (k_scale, v_scale), read iff KV_FP8
-    out_ptr,     # [total_tokens, num_q_heads, head_dim], zeroed by the caller
+    out_ptr,     # [total_tokens, num_q_heads, head_dim]: every row written (rows of no sequence: 0)
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES_PER_SEQ: tl.constexpr,
     NUM_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     SM_SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
-    KV_FP8: tl.constexpr, COMPUTE: tl.constexpr,
+    KV_FP8: tl.constexpr, COMPUTE: tl.constexpr, TOTAL_TOKENS: tl.constexpr,
 ):
-    """Grid (NUM_BLOCKS, num_kv_heads): one query block x one KV head, normalised output."""
-    kvh = tl.program_id(1)
-    seq, q_start, q_end, kv_len, tok0, live = _block_prologue(qsl_ptr, nseq_ptr, ctx_ptr, BLOCK_Q, NUM_BLOCKS)
+    """Grid (NUM_BLOCKS * num_kv_heads,): one query block x one KV head, normalised output."""
+    kvh, b, num_seqs, seq, q_start, q_end, kv_len, tok0, live = _block_prologue(
+        qsl_ptr, nseq_ptr, ctx_ptr, BLOCK_Q, NUM_BLOCKS, NUM_KV_HEADS)
     if live:
         acc, m_i, l_i, tok, head, row_ok = _attend(
             q_ptr, kv_ptr, bt_ptr, sink_ptr, scale_ptr, seq, kvh, 0, q_start, q_end, kv_len, tok0,
@@ -250,6 +282,8 @@ def rpa_kernel(
         o_off = (tok.to(tl.int64) * NUM_Q_HEADS + head) * HEAD_DIM
         o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         tl.store(out_ptr + o_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    _zero_unowned_rows(out_ptr, qsl_ptr, num_seqs, b, kvh, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD,
+                       BLOCK_M, BLOCK_Q, TOTAL_TOKENS)
 
 
 @triton.jit
@@ -269,12 +303,12 @@ def rpa_split_kernel(
     NUM_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     SM_SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
-    KV_FP8: tl.constexpr, COMPUTE: tl.constexpr, NUM_SPLITS: tl.constexpr, TOTAL_TOKENS: tl.constexpr,
+    KV_FP8: tl.constexpr, COMPUTE: tl.constexpr, TOTAL_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
-    """Grid (NUM_BLOCKS, num_kv_heads, NUM_SPLITS): flash-decoding partials, combined by rpa_reduce_kernel."""
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    seq, q_start, q_end, kv_len, tok0, live = _block_prologue(qsl_ptr, nseq_ptr, ctx_ptr, BLOCK_Q, NUM_BLOCKS)
+    """Grid (NUM_BLOCKS * num_kv_heads, NUM_SPLITS): flash-decoding partials, combined by rpa_reduce_kernel."""
+    split = tl.program_id(1)
+    kvh, b, num_seqs, seq, q_start, q_end, kv_len, tok0, live = _block_prologue(
+        qsl_ptr, nseq_ptr, ctx_ptr, BLOCK_Q, NUM_BLOCKS, NUM_KV_HEADS)
     if live:
         acc, m_i, l_i, tok, head, row_ok = _attend(
             q_ptr, kv_ptr, bt_ptr, sink_ptr, scale_ptr, seq, kvh, split, q_start, q_end, kv_len, tok0,
