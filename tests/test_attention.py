@@ -91,6 +91,21 @@ def test_tuning_knobs_give_the_same_answer(backend, name):
             raise AssertionError(f"{knobs}: {e}") from e
 
 
+@pytest.mark.parametrize("name", ["mixed_small", "window_mid_small", "sinks_kv_heads_x_sinks"])
+def test_tuning_table_prefill_tile(backend, name):
+    """The H100/H200 table's prefill tile (256 rows over two warpgroups for 4 packed heads, 64-key
+    tiles, 3 stages), forced on small batches that would otherwise get 128 rows. Half-precision
+    compute: in float32 that tile needs more shared memory than an SM has (launch_config never
+    picks it there)."""
+    case = case_by_name(name, "float16")
+    _skip_unsupported(backend, case)
+    batch = build(case)
+    g = case.num_q_heads // case.num_kv_heads
+    res = backends.run(backend, batch, num_queries_per_block=256 // g, num_kv_pages_per_block=64 // case.page_size,
+                       num_warps=8, num_stages=3)
+    check_result(res, batch, oracle_for(case), case.tolerance)
+
+
 @pytest.mark.parametrize("name", ["mixed_small", "decode_small", "softcap"])
 def test_default_compute_dtype_is_bfloat16(backend, name):
     """float32 inputs, compute_dtype left at its default (bfloat16): float32 out, bf16-level error."""

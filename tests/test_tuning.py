@@ -56,6 +56,16 @@ def test_h100_table_sets_prefill_rows_tile_warps_and_stages():
     assert (d.tile_n, d.num_warps, d.num_stages) == (dec["tile_n"], dec["num_warps"], dec["num_stages"])
 
 
+def test_tall_table_rows_only_for_prefill_heavy_batches():
+    """Each sequence can waste one block of padded rows: decode-heavy mixed batches keep 128 rows."""
+    rows = table_entry("prefill_d128")["block_rows"]
+    assert rows > 128
+    mixed = tuning.launch_config(dims(5000, 64), num_sms=132, gpu_name=H100)  # ~ mixed_4p_60d
+    assert mixed.kind == "prefill" and mixed.block_m == 128
+    heavy = tuning.launch_config(dims(4 * (rows // 4) * 64, 64), num_sms=132, gpu_name=H100)
+    assert heavy.block_m == rows
+
+
 def test_float32_compute_ignores_the_bf16_table():
     """The table's 256-row tile would need more shared memory than an SM has in float32."""
     cfg = tuning.launch_config(dims(4096, 16), num_sms=132, gpu_name=H100, compute_itemsize=4)
