@@ -62,6 +62,8 @@ def test_tall_table_rows_only_for_prefill_heavy_batches():
     assert rows > 128
     mixed = tuning.launch_config(dims(5000, 64), num_sms=132, gpu_name=H100)  # ~ mixed_4p_60d
     assert mixed.kind == "prefill" and mixed.block_m == 128
+    # ... with the built-in tile, warps and stages, not the ones measured for the entry's rows
+    assert mixed == tuning.launch_config(dims(5000, 64), num_sms=132)
     heavy = tuning.launch_config(dims(4 * (rows // 4) * 64, 64), num_sms=132, gpu_name=H100)
     assert heavy.block_m == rows
 

@@ -119,6 +119,10 @@ def launch_config(
     block_m = max(16, next_pow2(block_q * g))
     kind = "decode" if block_q == 1 else "prefill"
     tuned = table_entry(gpu_name, kind, d_pad)
+    if "block_rows" in tuned and block_m != max(16, next_pow2(max(1, int(tuned["block_rows"]) // g) * g)):
+        # The entry's tile, warps and stages were measured with its rows: not for other tiles
+        # (mixed_4p_60d on 128 rows with the 256-row entry's 8 warps: 934 us, on 4 warps: 827 us).
+        tuned = {}
 
     if num_kv_pages_per_block is not None:
         tile_n = next_pow2(int(num_kv_pages_per_block) * dims.page_size)
