@@ -84,7 +84,7 @@ for step in "${STEPS[@]}"; do
     python3 -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout 900)
     # shellcheck disable=SC2086
     # Big-memory tests (marked bigmem: the > 2^31-element cache) run alone afterwards: with several
-    # xdist workers sharing the card they ran out of memory (benchmarks/results/gpu_tests_h100.md).
+    # xdist workers sharing the card they ran out of memory (benchmarks/results/gpu_tests.md).
     # -v: one line per test as it finishes, so a run cut short by the call's time limit still says
     # which tests passed.
     # shellcheck disable=SC2086
