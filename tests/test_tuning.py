@@ -70,7 +70,7 @@ def test_tall_table_rows_only_for_prefill_heavy_batches():
 
 def test_float32_compute_ignores_the_bf16_table():
     """The table's 256-row tile would need more shared memory than an SM has in float32."""
-    cfg = tuning.launch_config(dims(4096, 16), num_sms=132, gpu_name=H100, compute_itemsize=4)
+    cfg = tuning.launch_config(dims(4096, 16), num_sms=132, gpu_name=H100, compute_dtype="float32")
     assert cfg == tuning.launch_config(dims(4096, 16), num_sms=132)
 
 

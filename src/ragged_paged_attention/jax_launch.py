@@ -104,14 +104,15 @@ def ragged_paged_attention_triton(
     p, ps, c, _ = kv_pages.shape
     dims = Dims(t, h, d, p, ps, c // 2, context_lens.shape[0], block_tables.shape[1])
     sms, name = device_info()
+    cdt = jnp.dtype(compute_dtype).name
     cfg = tuning.launch_config(dims, num_sms=sms, gpu_name=name, num_queries_per_block=num_queries_per_block,
                                num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps,
                                num_stages=num_stages,
                                sliding_window=sliding_window is not None,
-                               compute_itemsize=jnp.dtype(compute_dtype).itemsize)
+                               compute_dtype=cdt)
     consts = attention_constants(dims, cfg, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
                                  sliding_window=sliding_window, use_sinks=sinks is not None,
-                                 kv_fp8=kv_pages.dtype == jnp.float8_e4m3fn, compute_dtype=jnp.dtype(compute_dtype).name)
+                                 kv_fp8=kv_pages.dtype == jnp.float8_e4m3fn, compute_dtype=cdt)
     args = (
         queries, kv_pages, context_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
         query_start_loc.astype(jnp.int32), jnp.asarray(num_seqs, jnp.int32).reshape(1),

@@ -70,7 +70,7 @@ def _launch(queries, kv_pages, context_lens, block_tables, query_start_loc, num_
                                num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps,
                                num_stages=num_stages,
                                sliding_window=sliding_window is not None,
-                               compute_itemsize=4 if compute_dtype == "float32" else 2)
+                               compute_dtype=compute_dtype)
     consts = attention_constants(dims, cfg, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
                                  sliding_window=sliding_window, use_sinks=sinks is not None,
                                  kv_fp8=kv_pages.dtype == torch.float8_e4m3fn, compute_dtype=compute_dtype)

@@ -86,18 +86,18 @@ def launch_config(
     num_stages: int | None = None,
     num_splits: int | None = None,
     sliding_window: bool = False,
-    compute_itemsize: int = 2,
+    compute_dtype: str = "bfloat16",
 ) -> LaunchConfig:
     """Triton launch configuration for a batch of these shapes on a GPU with num_sms SMs.
 
     Decode-shaped batches (about one query per sequence slot) get one token per tile with the G
     query heads of a KV head stacked as rows, and a KV split when (sequences x KV heads) would
     leave the GPU under-filled. Anything else gets tall prefill tiles (128 rows, or the table's) for
-    the matrix units. The table was measured with 2-byte compute; float32 compute (compute_itemsize 4)
+    the matrix units. The table was measured with 2-byte compute; float32 compute (compute_dtype "float32")
     keeps the built-in defaults, whose shared memory fits (the table's 256-row d128 tile needs
     263 KB in float32, more than an H100 SM has).
     """
-    gpu_name = gpu_name if compute_itemsize <= 2 else None
+    gpu_name = None if compute_dtype == "float32" else gpu_name
     g = dims.group_size
     d_pad = next_pow2(dims.head_dim)
     decode = dims.total_tokens <= dims.max_num_seqs

@@ -129,7 +129,7 @@ def attention_variants(kind: str, *, dtype: str = "bf16", head_dim: int = 128, g
     q_dt, kv_dt, compute = DTYPES[dtype]
     dims = shape_dims(kind, head_dim=head_dim, group=group, page_size=page_size)
     cfg = launch_config(dims, num_sms=NUM_SMS, gpu_name=GPU_NAME, sliding_window="window" in features,
-                        compute_itemsize=4 if compute == "float32" else 2)
+                        compute_dtype=compute)
     call = dict(softmax_scale=head_dim ** -0.5, logits_soft_cap=30.0 if "softcap" in features else None,
                 sliding_window=512 if "window" in features else None, use_sinks="sinks" in features,
                 kv_fp8=kv_dt == "float8_e4m3fn", compute_dtype=compute)
