@@ -280,3 +280,61 @@ def fitted(name: str, pairs, *, total_tokens: int, max_num_seqs: int, num_pages:
                 extra_table_cols=pages_per_seq - max([1, *need]), **kw)
     assert min(case.extra_tokens, case.extra_seq_slots, case.extra_pages, case.extra_table_cols) >= 0, case
     return case
+
+
+def poison(batch: Batch, value: float = float("nan")) -> Batch:
+    """A copy of batch where everything no output may depend on holds `value` (NaN, +-inf, ...),
+    the way a server's freed and recycled pages do:
+
+    - cache slots past context_lens in each sequence's last page;
+    - pages no live sequence reads, with page 0 among them and block-table padding pointing at it
+      (PageAllocator pads with 0);
+    - with a sliding window, the pages wholly before a sequence's first visible key (half of their
+      table entries set to -1, as a server that freed them would);
+    - query rows of no sequence.
+
+    Compare the result with the oracle of the unpoisoned batch.
+    """
+    case = batch.case
+    ps = case.page_size
+    kv = batch.kv_pages.astype(np.float32)
+    bt = batch.block_tables.copy()
+    q = batch.queries.astype(np.float32)
+    n = batch.num_seqs
+    used = {}  # page -> True when some live sequence reads it
+    for i in range(n):
+        q_len = int(batch.query_start_loc[i + 1] - batch.query_start_loc[i])
+        kv_len = int(batch.context_lens[i])
+        first = 0
+        if case.sliding_window is not None and q_len:
+            first = max(0, kv_len - q_len - case.sliding_window + 1) // ps
+        for j in range(-(-kv_len // ps)):
+            if j >= first and q_len:
+                used[int(bt[i, j])] = True
+    # Swap page 0 out of use (into an unused page), so padding can point at an unused page 0.
+    spare = next((p for p in range(kv.shape[0]) if p not in used), None)
+    if 0 in used and spare is not None:
+        kv[[0, spare]] = kv[[spare, 0]]
+        bt = np.where(bt == 0, -999, np.where(bt == spare, 0, bt))
+        bt = np.where(bt == -999, spare, bt)
+        used = {(spare if p == 0 else p): True for p in used}
+    for p in range(kv.shape[0]):
+        if p not in used:
+            kv[p] = value
+    for i in range(n):
+        q_len = int(batch.query_start_loc[i + 1] - batch.query_start_loc[i])
+        kv_len = int(batch.context_lens[i])
+        pages = -(-kv_len // ps)
+        if kv_len % ps and q_len:
+            kv[bt[i, pages - 1], kv_len % ps:] = value
+        bt[i, pages:] = 0 if 0 not in used else bt[i, pages:]
+        if case.sliding_window is not None and q_len:
+            first = max(0, kv_len - q_len - case.sliding_window + 1) // ps
+            bt[i, :first:2] = -1
+    for i in range(n, bt.shape[0]):
+        bt[i] = 0 if 0 not in used else bt[i]
+    start, end = int(batch.query_start_loc[0]), batch.owned_rows
+    q[:start] = value
+    q[end:] = value
+    return dataclasses.replace(batch, kv_pages=round_to(kv, case.kv_dtype or case.dtype),
+                               queries=round_to(q, case.dtype), block_tables=bt.astype(np.int32))

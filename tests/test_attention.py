@@ -24,6 +24,9 @@ def _marks(name):
     return []
 
 
+# A row's own relative error may exceed the global budget by this factor (fewer elements average less).
+ROW_FACTOR = 4
+
 BACKEND_PARAMS = [pytest.param(b, id=b, marks=_marks(b)) for b in backends.ALL]
 
 
@@ -50,6 +53,14 @@ def check_result(res: backends.Result, batch, ref: np.ndarray, tol: float, expec
     assert not tail.any(), f"rows past query_start_loc[num_seqs]={batch.owned_rows} are not zero"
     err = relative_error(res.out, ref)
     assert err <= tol, f"relative error {err:.3e} > {tol:.1e}"
+    # Per (token, head) row too: one wrong row of 1,500 moves the global norm by only ~0.026.
+    # Rows are compared relative to their own norm, floored at a tenth of the typical row's.
+    diff = np.linalg.norm(res.out - ref, axis=-1)
+    norm = np.linalg.norm(ref, axis=-1)
+    floor = 0.1 * np.sqrt(np.mean(norm[norm > 0] ** 2)) if (norm > 0).any() else 1.0
+    row_err = diff / np.maximum(norm, floor)
+    worst = np.unravel_index(np.argmax(row_err), row_err.shape)
+    assert row_err[worst] <= ROW_FACTOR * tol, f"row {worst} (token, head): relative error {row_err[worst]:.3e}"
     return err
 
 

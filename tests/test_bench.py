@@ -1,24 +1,39 @@
-"""The benchmark CLI: workload arithmetic, and one end-to-end run of the tiny suite (JSON + PNG)."""
+"""benchmarks/ (outside the package): workload arithmetic and inputs, the peer glue, and the CPU
+smoke run of benchmarks/run.py."""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ragged_paged_attention import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import workloads as wl  # noqa: E402
 
-RESULT_KEYS = {"workload", "implementation", "time_us", "tflops", "gbps", "bw_fraction", "flops_fraction",
-               "call_overhead_us"}
+SUITE = {w.name: w for w in wl.suite()}
 
 
-def brute_force(w: bench.Workload) -> tuple[int, int]:
+@pytest.fixture(scope="module")
+def run():
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("CPU smoke tests; on a GPU run benchmarks/run.py itself")
+    from benchmarks import run
+
+    return run
+
+
+def brute_force(w: wl.Workload) -> tuple[int, int]:
     """(visible (query, key) pairs per head, KV tokens read) by enumeration."""
-    pairs, tokens = 0, 0
+    pairs = tokens = 0
     for q, kv in w.pairs:
         seen = set()
-        for j in range(q):
-            p = kv - q + j
+        for p in range(kv - q, kv):
             keys = [t for t in range(p + 1) if w.sliding_window is None or t > p - w.sliding_window]
             pairs += len(keys)
             seen.update(keys)
@@ -28,70 +43,132 @@ def brute_force(w: bench.Workload) -> tuple[int, int]:
 
 @pytest.mark.parametrize("window", [None, 1, 5, 40, 1000])
 def test_flops_and_bytes_count_the_visible_keys(window):
-    w = bench.Workload("t", ((1, 37), (5, 18), (129, 463), (16, 16), (0, 9)), num_q_heads=4, num_kv_heads=2,
-                       head_dim=8, sliding_window=window)
+    w = wl.Workload("t", ((1, 37), (5, 18), (129, 463), (16, 16)), num_q_heads=4, num_kv_heads=2, head_dim=8,
+                    sliding_window=window)
     pairs, tokens = brute_force(w)
-    assert w.visible_pairs() == pairs
-    assert w.kv_tokens_read() == tokens
+    assert (w.visible_pairs(), w.kv_tokens_read()) == (pairs, tokens)
     assert w.flops == 4 * 8 * 4 * pairs
     assert w.bytes == tokens * 2 * 2 * 8 * 2 + 2 * w.total_tokens * 4 * 8 * 2
 
 
-def test_suite_matches_benchmarks_md():
-    s = {w.name: w for w in bench.suite()}
-    assert list(s) == ["decode_b64_ctx4k", "decode_b8_ctx4k", "decode_b8_ctx32k", "prefill_b8_2k", "prefill_b1_16k",
-                       "chunked_b4_1k_of_8k", "mixed_4p_60d", "decode_b32_ctx8k_gemma", "prefill_b4_4k_mha_d64",
-                       "decode_b64_ctx4k_sinks"]
-    # The vLLM figures of BENCHMARKS.md, recomputed from its times with our counts.
-    ref = {e["workload"]: e for e in bench.vllm_entries(bench.suite())}
-    assert ref["decode_b64_ctx4k"]["gbps"] == pytest.approx(2968, rel=2e-3)
-    assert ref["decode_b32_ctx8k_gemma"]["gbps"] == pytest.approx(2586, rel=2e-3)
-    assert ref["prefill_b1_16k"]["tflops"] == pytest.approx(76, rel=1e-2)
-    mixed = s["mixed_4p_60d"].pairs
-    assert mixed == bench.mixed_pairs() and len(mixed) == 64
+def test_flops_and_bytes_by_hand():
+    # 8 decodes of 4096 keys: 4 * d * heads * keys; K and V of 8 KV heads per key, Q and O once.
+    w = SUITE["decode_b8_ctx4k"]
+    assert w.flops == 4 * 128 * 32 * 8 * 4096 == 536_870_912
+    assert w.bytes == 8 * 4096 * 2 * 8 * 128 * 2 + 2 * 8 * 32 * 128 * 2 == 134_348_800
+    # Causal prefill, 8 x 2048: each sequence sees 2048 * 2049 / 2 pairs.
+    w = SUITE["prefill_b8_2k"]
+    assert w.flops == 4 * 128 * 32 * 8 * (2048 * 2049 // 2) == 275_012_124_672
+    assert w.bytes == 8 * 2048 * 2 * 8 * 128 * 2 + 2 * 8 * 2048 * 32 * 128 * 2
+    # 1024 queries at the end of 8192 keys: query j sees 7169 + j keys.
+    assert SUITE["chunked_b4_1k_of_8k"].flops == 4 * 128 * 32 * 4 * sum(range(7169, 8193)) == 515_429_629_952
+    # Window 4096 of 8192 keys: a decode reads (and scores) only the last 4096.
+    w = SUITE["decode_b32_ctx8k_gemma"]
+    assert w.flops == 4 * 256 * 16 * 32 * 4096
+    assert w.bytes == 32 * 4096 * 2 * 8 * 256 * 2 + 2 * 32 * 16 * 256 * 2
+
+
+def test_suite_names_and_server_rows():
+    assert [n for n in SUITE if "@" not in n] == [
+        "decode_b64_ctx4k", "decode_b8_ctx4k", "decode_b8_ctx32k", "prefill_b8_2k", "prefill_b1_16k",
+        "chunked_b4_1k_of_8k", "mixed_4p_60d", "decode_b32_ctx8k_gemma", "prefill_b4_4k_mha_d64",
+        "decode_b64_ctx4k_sinks"]
+    assert {"decode_b64_ctx4k@T512xS128", "decode_b64_ctx4k@T8192xS256", "decode_b8_ctx4k@T256xS64",
+            "decode_b8_ctx4k@T2048xS256", "decode_b8_ctx32k@T2048xS256", "mixed_4p_60d@T8192xS256",
+            "chunked_b4_1k_of_8k@T8192xS256"} <= set(SUITE)
+    mixed = SUITE["mixed_4p_60d"].pairs
+    assert mixed == wl.mixed_pairs() and len(mixed) == 64
     assert all(512 <= q <= 2048 and 256 <= kv - q <= 2048 for q, kv in mixed[:4])
     assert all(q == 1 and 1024 <= kv <= 8192 for q, kv in mixed[4:])
+    with pytest.raises(ValueError, match="must hold"):
+        wl.server(SUITE["mixed_4p_60d"], 2048, 256)
 
 
-def test_layout_pages_are_permuted_and_in_range():
-    w = bench.suite()[1]
-    lay = bench.layout(w, 2, seed=0)
-    for bt in lay.block_tables:
-        used = bt[:, : w.pages_per_seq].ravel()
-        assert used.min() >= 0 and used.max() < w.num_pages
-        assert len(set(used.tolist())) == w.pages_used  # every live page owned once
-        assert (abs(bt[0, 1:] - bt[0, :-1]) != 1).mean() > 0.9  # not contiguous
-    assert not (lay.block_tables[0] == lay.block_tables[1]).all()
-    assert w.pages_used < w.num_pages <= w.pages_used * 1.02 + 8
+@pytest.mark.parametrize("name", ["decode_b8_ctx4k@T256xS64", "mixed_4p_60d@T8192xS256"])
+def test_server_inputs_pad_like_a_server(name):
+    w = wl.shrink(SUITE[name])  # the same padding rules at a size NumPy makes at once
+    twin = wl.shrink(SUITE[w.twin])
+    a, b = wl.build(w, seed=3), wl.build(twin, seed=3)
+    n = twin.num_seqs
+    assert a["num_seqs"] == b["num_seqs"] == n and w.pairs == twin.pairs
+    assert a["queries"].shape == (w.tokens, w.num_q_heads, w.head_dim) and w.tokens > twin.total_tokens
+    assert a["context_lens"].shape == (w.slots,) and a["block_tables"].shape == (w.slots, w.pages_per_seq)
+    assert a["query_start_loc"].shape == (w.slots + 1,)
+    np.testing.assert_array_equal(a["query_start_loc"][: n + 1], b["query_start_loc"])
+    assert (a["query_start_loc"][n:] == twin.total_tokens).all()  # repeats its last value
+    np.testing.assert_array_equal(a["context_lens"][:n], b["context_lens"])
+    # live pages: each owned once, in range, not laid out contiguously
+    live = np.concatenate([a["block_tables"][i, : -(-kv // w.page_size)] for i, (_, kv) in enumerate(w.pairs)])
+    assert len(set(live.tolist())) == live.size and 0 <= live.min() and live.max() < w.num_pages
+    assert (np.diff(live) != 1).mean() > 0.8
 
 
-def test_tiny_suite_end_to_end(tmp_path, has_cuda):
-    argv = ["--tiny", "--out", str(tmp_path), "--no-peers"]
-    if has_cuda:  # on a GPU the Triton paths run too: keep it short
-        argv += ["--workloads", "decode_b8_ctx4k,mixed_4p_60d,decode_b64_ctx4k_sinks"]
-    assert bench.main(argv) == 0
-    [path] = tmp_path.glob("*.json")
+def test_shrink_keeps_structure():
+    for w in wl.suite():
+        s = wl.shrink(w)
+        assert s.num_seqs == w.num_seqs and s.twin == w.twin
+        assert s.num_q_heads // s.num_kv_heads == w.num_q_heads // w.num_kv_heads
+        assert (s.sinks, s.soft_cap, s.sliding_window is None) == (w.sinks, w.soft_cap, w.sliding_window is None)
+        for (q, kv), (q2, kv2) in zip(w.pairs, s.pairs):
+            assert (q == 1) == (q2 == 1) and (q == kv) == (q2 == kv2) and q2 <= kv2
+        if w.sliding_window:
+            assert s.sliding_window < max(kv for _, kv in s.pairs)  # the window still cuts
+        assert (s.tokens is None) == (w.tokens is None) and s.slots == w.slots
+        if w.tokens:
+            assert s.tokens > s.total_tokens
+        assert s.num_q_heads * s.head_dim * s.padded_tokens <= 64 * 32 * 256  # CPU-sized
+
+
+def test_peer_glue_maps_rows_and_pages(run):
+    import jax.numpy as jnp
+
+    w = wl.Workload("t", ((3, 40), (1, 17), (5, 5)), num_q_heads=4, num_kv_heads=2, head_dim=16)
+    d = run.to_jax(wl.build(w, seed=1))
+    gather, live = run.fa3_rows(w)
+    q = np.asarray(d["queries"], np.float32)
+    np.testing.assert_array_equal(q[gather].reshape(-1, 4, 16)[live], q)  # right-aligned rows round-trip
+    assert (gather[1, :4] == 0).all() and gather[1, 4] == 3  # the decode's one query sits last
+    k, v, table = run.fa3_cache(w, d["kv_pages"], d["block_tables"], page=128, seed=0)
+    kv, bt = np.asarray(d["kv_pages"], np.float32), np.asarray(d["block_tables"])
+    for i, (_, n) in enumerate(w.pairs):
+        t = np.arange(n)
+        np.testing.assert_array_equal(np.asarray(k[np.asarray(table)[i, t // 128], t % 128], np.float32),
+                                      kv[bt[i, t // 16], t % 16][:, 0::2])
+        np.testing.assert_array_equal(np.asarray(v[np.asarray(table)[i, t // 128], t % 128], np.float32),
+                                      kv[bt[i, t // 16], t % 16][:, 1::2])
+    assert k.shape[1:] == (128, 2, 16) and table.dtype == jnp.int32
+
+
+def test_cpu_run_writes_nothing_without_out(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    t0 = time.time()
+    assert run.main(["--quick", "-k", "prefill_b8_2k"]) == 0
+    assert time.time() - t0 < 60
+    assert list(tmp_path.iterdir()) == []
+    out = capsys.readouterr().out
+    assert "no GPU found" in out and "prefill_b8_2k" in out and "wrote" not in out
+
+
+def test_cpu_run_writes_json_and_chart(run, tmp_path):
+    path = tmp_path / "res" / "cpu.json"
+    assert run.main(["--quick", "-k", "decode_b8_ctx32k", "--impl", "xla", "triton", "--out", str(path)]) == 0
     doc = json.loads(path.read_text())
-    assert {"gpu", "date", "versions", "ceilings", "results", "targets", "workloads"} <= set(doc)
-    assert {"jax", "jaxlib", "triton", "jax_triton", "torch", "ejkernel", "ragged_paged_attention"} <= set(doc["versions"])
-    assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
-    names = list(doc["workloads"])
-    assert names == ([w.name for w in bench.suite()] if not has_cuda else
-                     ["decode_b8_ctx4k", "mixed_4p_60d", "decode_b64_ctx4k_sinks"])
+    assert {"device", "date", "versions", "ceilings", "workloads", "results"} <= set(doc) and "startup" not in doc
+    assert {"copy_gbps", "matmul_tflops", "jax_empty_call_us"} <= set(doc["ceilings"])
+    names = ["decode_b8_ctx32k", "decode_b8_ctx32k@T39xS256"]
+    assert list(doc["workloads"]) == names
     by = {(r["workload"], r["implementation"]): r for r in doc["results"]}
-    for r in doc["results"]:
-        assert RESULT_KEYS <= set(r), r
     for name in names:
-        x = by[(name, "xla")]
-        assert x["time_us"] > 0 and x["tflops"] > 0 and x["gbps"] > 0, x
-        assert 0 < max(x["bw_fraction"], x["flops_fraction"]) and x["call_overhead_us"] > 0
-        t = by[(name, "triton")]
-        if has_cuda:
-            assert t["time_us"] > 0 and "error" not in t, t
-            assert t["check_rel_err"] < bench.CHECK_TOL and t["config"]["num_splits"] >= 1
-        else:
-            assert t["time_us"] is None and t["note"].startswith("skipped")
-        assert {row["metric"] for row in doc["targets"][name]} >= {"check_rel_err", "first_call_s"}
-    assert not any(r["implementation"] == "ejkernel" or r["implementation"].startswith("vllm") for r in doc["results"])
-    png = path.with_suffix(".png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        r = by[(name, "xla")]
+        assert {"time_us", "tflops", "gbps", "bw_fraction", "flops_fraction", "call_us"} <= set(r)
+        assert r["time_us"] > 0 and r["call_us"] > 0 and "error" not in r, r
+        assert by[(name, "triton")]["time_us"] is None and "skipped" in by[(name, "triton")]["note"]
+    assert by[(names[1], "xla")]["vs_twin"] > 0 and "vs_twin" not in by[(names[0], "xla")]
+    pytest.importorskip("matplotlib")
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_without_matplotlib_claims_no_file(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert "skipped" in run.chart({"results": []}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

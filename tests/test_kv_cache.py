@@ -29,9 +29,9 @@ BF16 = np.dtype(jnp.bfloat16)
 
 
 def _interpreted() -> bool:
-    from ragged_paged_attention.triton import kv_write
+    from ragged_paged_attention.triton import kernels
 
-    return type(kv_write.write_kv_kernel).__name__ == "InterpretedFunction"
+    return type(kernels.write_kv_kernel).__name__ == "InterpretedFunction"
 
 
 def _to_torch(x: np.ndarray, device: str):
@@ -61,7 +61,7 @@ def _write_jax(implementation):
 
 def _write_torch(device):
     def write(kv, k, v, slots, **kw):
-        from ragged_paged_attention.pytorch_kv import write_kv_pages as torch_write
+        from ragged_paged_attention.pytorch import write_kv_pages as torch_write
 
         cache = _to_torch(kv, device)
         kw = {name: (torch.tensor(s, device=device) if isinstance(s, np.ndarray) else s) for name, s in kw.items()}
@@ -306,7 +306,7 @@ def test_bad_implementation_name():
 def test_torch_bad_input_is_rejected(case):
     if torch is None:
         pytest.skip("torch is not installed")
-    from ragged_paged_attention.pytorch_kv import write_kv_pages as torch_write
+    from ragged_paged_attention.pytorch import write_kv_pages as torch_write
 
     build, kw, needle = BAD[case]
     kv, k, v, s = build(*_base())
@@ -319,7 +319,7 @@ def test_torch_bad_input_is_rejected(case):
 def test_torch_rejects_non_contiguous_cache():
     if torch is None:
         pytest.skip("torch is not installed")
-    from ragged_paged_attention.pytorch_kv import write_kv_pages as torch_write
+    from ragged_paged_attention.pytorch import write_kv_pages as torch_write
 
     kv, k, v, s = _base()
     cache = torch.zeros((8, 4, 4, 16)).transpose(0, 1)
@@ -330,7 +330,7 @@ def test_torch_rejects_non_contiguous_cache():
 def test_torch_custom_op_is_registered_as_mutating():
     if torch is None:
         pytest.skip("torch is not installed")
-    import ragged_paged_attention.pytorch_kv  # noqa: F401  (registers the op)
+    import ragged_paged_attention.pytorch  # noqa: F401  (registers the op)
 
     schema = torch.ops.ragged_paged_attention.write_kv_pages.default._schema
     assert schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write
@@ -348,17 +348,17 @@ def _torch_kernel_device():
 
 
 def test_torch_opcheck():
-    import ragged_paged_attention.pytorch_kv as pk
+    import ragged_paged_attention.pytorch as pk
 
     dev = _torch_kernel_device()
     kv, k, v, s = _base()
     args = (torch.from_numpy(kv).to(dev), torch.from_numpy(k).to(dev), torch.from_numpy(v).to(dev),
-            torch.from_numpy(s).to(dev), None)
+            torch.from_numpy(s).to(dev), None, None)
     torch.library.opcheck(pk._write_op, args)
 
 
 def test_torch_compile_fullgraph_writes_in_place():
-    from ragged_paged_attention.pytorch_kv import write_kv_pages as torch_write
+    from ragged_paged_attention.pytorch import write_kv_pages as torch_write
 
     dev = _torch_kernel_device()
     kv, k, v, s = make_case((4, 8, 2, 16, 5), "float32", "float32")

@@ -1,5 +1,6 @@
-"""Hypothesis: random ragged batches through the pure-JAX path, against the oracle and against
-themselves (chunked prefill must equal one-shot prefill)."""
+"""Hypothesis: random ragged batches, poisoned where nothing may be read, through every backend
+(the pure-JAX path, Triton's interpreter, the GPU doors), against the oracle; and chunked prefill
+against one-shot prefill."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import backends
 import ragged_paged_attention as rpa
-from cases import Case, build
+from cases import Case, build, poison
 from oracle import relative_error
+from test_attention import backend  # noqa: F401  (the backend fixture)
 
 NAMES = ("queries", "kv_pages", "context_lens", "block_tables", "query_start_loc")
 TOL = 2e-5
@@ -20,7 +23,8 @@ TOL = 2e-5
 # HYPOTHESIS_MAX_EXAMPLES for a longer hunt.
 MAX_EXAMPLES = int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "10"))
 SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])  # backend: a name only
 
 
 def call(batch, **opts):
@@ -64,13 +68,13 @@ def cases(draw):
 
 @SETTINGS
 @given(case=cases(), seed=st.integers(0, 2**31 - 1))
-def test_random_batches_match_oracle(case, seed):
+def test_random_batches_match_oracle(backend, case, seed):
     batch = build(case, seed=seed)
-    out = call(batch)
     ref = batch.oracle()
-    assert out.shape == batch.queries.shape and np.isfinite(out).all()
-    assert not out[batch.owned_rows:].any()
-    assert relative_error(out, ref) <= TOL
+    res = backends.run(backend, poison(batch))
+    assert res.shape == batch.queries.shape and np.isfinite(res.out).all()
+    assert not res.out[batch.owned_rows:].any()
+    assert relative_error(res.out, ref) <= TOL
 
 
 @settings(SETTINGS, max_examples=max(1, MAX_EXAMPLES // 2))

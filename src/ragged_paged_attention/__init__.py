@@ -1,22 +1,40 @@
-"""Ragged paged attention for JAX (Triton kernels on NVIDIA GPUs, pure JAX elsewhere)."""
+"""Ragged paged attention for JAX (Triton kernels on NVIDIA GPUs, pure JAX elsewhere) and PyTorch.
 
-from .allocator import PageAllocator, PagePoolExhausted, StepInputs
-from .api import check_inputs, ragged_page_attention_v2
-from .kv_cache import combine_kv_pages, split_kv_pages, write_kv_pages
-from .sharding import sharded_ragged_page_attention_v2, sharded_write_kv_pages
+The JAX names below load on first use, so ``import ragged_paged_attention.pytorch`` (the PyTorch
+door) never imports JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 from .validate import RaggedPagedAttentionError
 
-__all__ = [
-    "PageAllocator",
-    "PagePoolExhausted",
-    "StepInputs",
-    "RaggedPagedAttentionError",
-    "check_inputs",
-    "combine_kv_pages",
-    "ragged_page_attention_v2",
-    "sharded_ragged_page_attention_v2",
-    "sharded_write_kv_pages",
-    "split_kv_pages",
-    "write_kv_pages",
-]
-__version__ = "0.1.0"
+_LAZY = {
+    "ragged_page_attention_v2": "api",
+    "check_inputs": "api",
+    "combine_kv_pages": "kv_cache",
+    "split_kv_pages": "kv_cache",
+    "write_kv_pages": "kv_cache",
+    "PageAllocator": "allocator",
+    "PagePoolExhausted": "allocator",
+    "StepInputs": "allocator",
+    "sharded_ragged_page_attention_v2": "sharding",
+    "sharded_write_kv_pages": "sharding",
+}
+
+__all__ = ["RaggedPagedAttentionError", *_LAZY]
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ragged_paged_attention' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

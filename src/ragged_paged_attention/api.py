@@ -1,20 +1,25 @@
-"""ragged_page_attention_v2: validate -> choose implementation -> call."""
+"""ragged_page_attention_v2, the JAX front door: validate -> plan -> run (Triton on NVIDIA GPUs,
+the pure-JAX implementation elsewhere), all inside one jitted function."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from . import tuning
-from .reference import ragged_paged_attention_xla
-from .validate import RaggedPagedAttentionError, check_static, check_values, is_concrete, sink_logits
+from .plan import attention_plan
+from .reference import ragged_paged_attention_xla, sink_logits
+from .validate import (Dims, RaggedPagedAttentionError, check_scale_value, check_static, check_values,
+                       dtype_name, is_concrete)
 
 
-def _use_triton(implementation: str) -> bool:
+def use_triton(implementation: str) -> bool:
     if implementation == "xla":
         return False
     if implementation == "triton":
@@ -26,12 +31,18 @@ def _use_triton(implementation: str) -> bool:
     return "rocm" not in jax.devices()[0].client.platform_version.lower()
 
 
-def _kv_scales(kv_pages, k_scale, v_scale):
-    if jnp.dtype(kv_pages.dtype) != jnp.dtype(jnp.float8_e4m3fn):
-        return None
-    ks = 1.0 if k_scale is None else k_scale
-    vs = 1.0 if v_scale is None else v_scale
-    return jnp.stack([jnp.asarray(ks, jnp.float32).reshape(()), jnp.asarray(vs, jnp.float32).reshape(())])
+def host_scalar(x, dtype):
+    """Python numbers as NumPy scalars: jit arguments, so a new value never recompiles."""
+    if isinstance(x, (bool, int, float, np.number)):
+        return np.asarray(x, dtype)
+    return x
+
+
+def check_concrete_scales(**scales) -> None:
+    """Value checks of k_scale / v_scale given as concrete arrays (floats were checked statically)."""
+    for name, s in scales.items():
+        if s is not None and hasattr(s, "shape") and is_concrete(s):
+            check_scale_value(name, float(np.asarray(s).reshape(())))
 
 
 def ragged_page_attention_v2(
@@ -89,14 +100,15 @@ def ragged_page_attention_v2(
         softmax denominator only.
       mask_value: accepted for compatibility. Masked keys are excluded exactly (weight 0), which
         is what the default value gives; any value is accepted but does not change the result.
-      num_kv_pages_per_block: KV pages per inner tile.
-      num_queries_per_block: query tokens per tile.
+      num_kv_pages_per_block: KV pages per inner tile (both tile kinds).
+      num_queries_per_block: query tokens per prefill tile.
       vmem_limit_bytes: TPU-only; raises NotImplementedError.
       num_warps, num_stages: Triton launch parameters (ignored by the pure-JAX path).
       k_scale, v_scale: per-tensor dequantisation scales of a float8_e4m3fn cache (default 1).
       implementation: "auto" (Triton on NVIDIA GPUs, pure JAX elsewhere), "triton" or "xla".
-      check_inputs: run the value checks (index ranges, q_len <= kv_len, ...) when the index
-        arrays are concrete. Traced calls always skip them; see ``check_inputs()``.
+      check_inputs: run the value checks (index ranges, q_len <= kv_len, scales, ...) when the
+        arrays are concrete: they copy the index arrays to the host. Traced calls always skip
+        them; see ``check_inputs()``.
 
     Returns:
       [total_tokens, num_q_heads, head_dim] in the dtype of ``queries``; rows owned by no
@@ -104,7 +116,7 @@ def ragged_page_attention_v2(
 
     Raises:
       RaggedPagedAttentionError (a ValueError and an AssertionError): bad shapes, dtypes,
-        options, or (concrete inputs) bad index values.
+        options, or (concrete inputs) bad index or scale values.
       NotImplementedError: ``vmem_limit_bytes`` was given.
     """
     del optimized  # one fast path
@@ -120,35 +132,61 @@ def ragged_page_attention_v2(
         num_kv_pages_per_block=num_kv_pages_per_block, num_queries_per_block=num_queries_per_block,
         num_warps=num_warps, num_stages=num_stages, k_scale=k_scale, v_scale=v_scale,
     )
-    if check_inputs and all(is_concrete(x) for x in (context_lens, block_tables, query_start_loc, num_seqs)):
-        check_values(context_lens, block_tables, query_start_loc, num_seqs, dims, sliding_window=sliding_window)
-
+    if check_inputs:
+        if all(is_concrete(x) for x in (context_lens, block_tables, query_start_loc, num_seqs)):
+            check_values(context_lens, block_tables, query_start_loc, num_seqs, dims, sliding_window=sliding_window)
+        check_concrete_scales(k_scale=k_scale, v_scale=v_scale)
     if dims.total_tokens == 0 or dims.max_num_seqs == 0:
         return jnp.zeros(queries.shape, queries.dtype)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dims.head_dim)
-    cap = None if logits_soft_cap is None else float(logits_soft_cap)
-    window = None if sliding_window is None else int(sliding_window)
-    sinks = None if softmax_aux is None else sink_logits(softmax_aux, dims.num_q_heads, dims.num_kv_heads)
-    scales = _kv_scales(kv_pages, k_scale, v_scale)
-    num_seqs_arr = jnp.asarray(num_seqs, jnp.int32).reshape(())
-    cdt = jnp.dtype(compute_dtype)
-
-    if _use_triton(implementation):
-        from . import jax_launch  # jax-triton imports only where jaxlib has CUDA
-
-        return jax_launch.ragged_paged_attention_triton(
-            queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs_arr, sinks, scales,
-            softmax_scale=scale, logits_soft_cap=cap, sliding_window=window, compute_dtype=cdt,
-            num_kv_pages_per_block=num_kv_pages_per_block, num_queries_per_block=num_queries_per_block,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-
-    cfg = tuning.xla_config(dims, num_queries_per_block, num_kv_pages_per_block)
-    return ragged_paged_attention_xla(
-        queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs_arr, sinks, scales,
-        softmax_scale=scale, logits_soft_cap=cap, sliding_window=window, compute_dtype=cdt,
-        block_q=cfg.block_q, pages_per_tile=cfg.pages_per_tile,
+    return _attention(
+        queries, kv_pages, context_lens, block_tables, query_start_loc, host_scalar(num_seqs, np.int32),
+        softmax_aux, host_scalar(k_scale, np.float32), host_scalar(v_scale, np.float32),
+        triton=use_triton(implementation),
+        softmax_scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dims.head_dim),
+        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        compute_dtype=dtype_name(compute_dtype), num_kv_pages_per_block=num_kv_pages_per_block,
+        num_queries_per_block=num_queries_per_block, num_warps=num_warps, num_stages=num_stages,
     )
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "triton", "softmax_scale", "logits_soft_cap", "sliding_window", "compute_dtype", "num_kv_pages_per_block",
+    "num_queries_per_block", "num_warps", "num_stages"))
+def _attention(queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, softmax_aux,
+               k_scale, v_scale, *, triton: bool, softmax_scale: float, logits_soft_cap, sliding_window,
+               compute_dtype: str, num_kv_pages_per_block, num_queries_per_block, num_warps, num_stages):
+    t, h, d = queries.shape
+    p, ps, c, _ = kv_pages.shape
+    dims = Dims(t, h, d, p, ps, c // 2, context_lens.shape[0], block_tables.shape[1])
+    fp8 = kv_pages.dtype == jnp.float8_e4m3fn
+    ks = jnp.asarray(1.0 if k_scale is None else k_scale, jnp.float32).reshape(1) if fp8 else None
+    vs = jnp.asarray(1.0 if v_scale is None else v_scale, jnp.float32).reshape(1) if fp8 else None
+    index = dict(context_lens=context_lens.astype(jnp.int32), block_tables=block_tables.astype(jnp.int32),
+                 query_start_loc=query_start_loc.astype(jnp.int32),
+                 num_seqs=jnp.asarray(num_seqs, jnp.int32).reshape(1))
+    if triton:
+        from . import jax_launch
+
+        sms, kind, _ = jax_launch.device_info()
+        plan = attention_plan(
+            dims, q_dtype=str(queries.dtype), kv_dtype=str(kv_pages.dtype), compute_dtype=compute_dtype,
+            softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
+            sink_shape=None if softmax_aux is None else tuple(softmax_aux.shape), num_sms=sms, device_kind=kind,
+            num_queries_per_block=num_queries_per_block, num_kv_pages_per_block=num_kv_pages_per_block,
+            num_warps=num_warps, num_stages=num_stages)
+        arrays = dict(index, queries=queries, kv_pages=kv_pages, sinks=softmax_aux, k_scale=ks, v_scale=vs)
+        return jax_launch.run(plan, arrays)
+    block_q, pages_per_tile = tuning.xla_blocks(t, dims.max_num_seqs, dims.pages_per_seq, ps,
+                                                num_queries_per_block, num_kv_pages_per_block)
+    sinks = None if softmax_aux is None else sink_logits(softmax_aux, h, dims.num_kv_heads)
+    return ragged_paged_attention_xla(
+        queries, kv_pages, index["context_lens"], index["block_tables"], index["query_start_loc"],
+        index["num_seqs"][0], sinks, None if ks is None else jnp.concatenate([ks, vs]),
+        softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
+        compute_dtype=jnp.dtype(compute_dtype), block_q=block_q, pages_per_tile=pages_per_tile,
+        # Query blocks side by side pay on accelerators; on a CPU they only cost compile time.
+        map_batch=1 if jax.default_backend() == "cpu" else 8)
 
 
 def check_inputs(
@@ -171,3 +209,4 @@ def check_inputs(
     dims = check_static(queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, **options)
     check_values(context_lens, block_tables, query_start_loc, num_seqs, dims,
                  sliding_window=options.get("sliding_window"))
+    check_concrete_scales(k_scale=options.get("k_scale"), v_scale=options.get("v_scale"))

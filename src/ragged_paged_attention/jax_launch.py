@@ -1,22 +1,35 @@
-"""The jax-triton adapter: the one place that knows the JAX <-> Triton bridge.
+"""Runs a plan from JAX: the one place that knows the JAX <-> Triton bridge.
 
-Imported lazily (jax-triton imports only where jaxlib has CUDA). Supported versions are checked on
-first use and a clear error names what is installed and what is needed.
+Each launch becomes one XLA custom call to the Triton kernel launcher that jaxlib's CUDA plugin
+registers (the FFI target ``triton_kernel_call_ffi``, jaxlib >= 0.10.1). Its ``opaque`` attribute
+is a zlib-compressed ``jax_triton.TritonAnyKernelCall`` protobuf (jaxlib/gpu/triton.proto), encoded
+here: the kernel's cubin and PTX from ``triton.compile`` (cached on disk by Triton, so a second
+process compiles nothing), its grid and its parameters. jaxlib loads the cubin as is where it knows
+the proto's ``module_image`` field (jaxlib >= 0.11.1) and assembles the PTX itself otherwise.
+
+Why not jax-triton: it compiles inside JAX's lowering with a cache that dies with the process, it
+clears TRITON_CACHE_DIR at import, and its releases pin narrow JAX and Triton ranges (0.3.1 breaks
+on jax 0.12, 0.4.x needs triton >= 3.7). The protobuf and the FFI target are jaxlib's stable
+surface since 0.10.1 (docs/decisions.md). The encoding needs no GPU, so CI lowers every kernel for
+CUDA on a CPU-only machine (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import zlib
 from importlib import metadata
 
 import jax
 import jax.numpy as jnp
 
-from . import tuning
-from .validate import Dims
+from . import triton as rpa_triton
+from .plan import Plan
 
-SUPPORTED = {"jax": ((0, 10), (0, 12)), "triton": ((3, 5), (3, 8)), "jax-triton": ((0, 3, 1), (0, 4))}
+TARGET = "triton_kernel_call_ffi"
+# (lowest, first unsupported) versions of the GPU path; checked at first use.
+SUPPORTED = {"jax": ((0, 10, 1), (0, 13)), "jaxlib": ((0, 10, 1), (0, 13)), "triton": ((3, 5), (3, 7))}
 
 
 def _version(dist: str) -> tuple[int, ...] | None:
@@ -34,7 +47,8 @@ def _version(dist: str) -> tuple[int, ...] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _bridge():
+def check_versions() -> None:
+    """Raise a RuntimeError naming what is installed and what the Triton GPU path needs."""
     problems = []
     for dist, (lo, hi) in SUPPORTED.items():
         v = _version(dist)
@@ -46,89 +60,89 @@ def _bridge():
     if problems:
         raise RuntimeError(
             "The Triton GPU path of ragged_paged_attention cannot run: " + "; ".join(problems)
-            + ". Install the supported versions (pip install 'ragged-paged-attention[gpu]') or call with "
-            "implementation='xla' for the pure-JAX path.")
-    # jax_triton sets TRITON_CACHE_DIR="" at import, which breaks every later plain Triton launch
-    # in the process (the PyTorch front door: "Could not create or locate cache dir"): restore it.
-    saved = os.environ.get("TRITON_CACHE_DIR")
-    try:
-        import jax_triton
-    except Exception as e:  # jaxlib without CUDA raises at import
-        raise RuntimeError(f"jax_triton failed to import ({e!r}); it needs a CUDA build of jaxlib") from e
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
-        else:
-            os.environ["TRITON_CACHE_DIR"] = saved
-    from .triton import kernels
-
-    return jax_triton, kernels
+            + ". Install a supported set (pip install 'ragged-paged-attention[gpu]'; README: Supported "
+            "versions) or call with implementation='xla' for the pure-JAX path.")
 
 
-def call(kernel, *args, out_shape, grid, num_warps=4, num_stages=3, input_output_aliases=None, **constexprs):
-    """jax_triton.triton_call with our defaults: arrays in, outputs appended, constexprs by name.
+# --- protobuf wire format (only what jaxlib/gpu/triton.proto needs) -----------------------------
 
-    Our kernels write every output element themselves: no zeroed_outputs (that is a memset per
-    call on the device, and measured host time in jax-triton's launch).
-    """
-    jt, _ = _bridge()
-    return jt.triton_call(*args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
-                          num_stages=num_stages, input_output_aliases=input_output_aliases or {}, **constexprs)
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32/int64 values go out as 10-byte two's complement
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
-def kernels():
-    return _bridge()[1]
+def _uint(field: int, n: int) -> bytes:
+    return _varint(field << 3) + _varint(n)
 
+
+def _bytes(field: int, data: bytes | str) -> bytes:
+    data = data.encode() if isinstance(data, str) else data
+    return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+def kernel_call_proto(compiled, grid: tuple[int, ...], num_pointers: int, scalars: tuple[int, ...],
+                      num_warps: int, arch: int, name: str) -> bytes:
+    """TritonAnyKernelCall{kernel_call: TritonKernelCall{kernel, grid, parameters}, name}."""
+    md = compiled.metadata
+    kname, shared = md.name, int(md.shared)
+    image = _bytes(1, compiled.asm["cubin"]) + _bytes(2, kname) + _uint(3, shared)
+    kernel = (_bytes(1, kname) + _uint(2, num_warps) + _uint(10, 1) + _uint(3, shared)
+              + _bytes(4, compiled.asm["ptx"]) + _uint(6, arch) + _bytes(11, image))
+    scratch = int(getattr(md, "global_scratch_size", 0) or 0)
+    if scratch:
+        kernel += _uint(12, scratch) + _uint(13, int(getattr(md, "global_scratch_align", 1) or 1))
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    array_param = _bytes(1, _uint(2, 16))          # Parameter{array: {ptr_divisibility: 16}}
+    params = [array_param] * num_pointers + [_uint(3, int(s)) for s in scalars]   # Parameter{i32}
+    call = (_bytes(1, kernel) + _uint(2, g[0]) + _uint(3, g[1]) + _uint(4, g[2])
+            + b"".join(_bytes(5, p) for p in params))
+    return _bytes(1, call) + _bytes(4, name)
+
+
+# --- running a plan -----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def device_info() -> tuple[int, str]:
-    """(SM count, device kind) of the first GPU; 132 SMs if JAX does not say."""
-    dev = jax.devices()[0]
-    return int(getattr(dev, "core_count", 0) or 132), str(dev.device_kind)
+def device_info() -> tuple[int, str | None, int]:
+    """(SM count, device kind, compute capability as 90) of the first GPU; without one (lowering
+    for CUDA on a CPU host) an sm_90 with 132 SMs, or RPA_CUDA_ARCH / RPA_NUM_SMS when set."""
+    arch = int(os.environ.get("RPA_CUDA_ARCH", 90))
+    sms = int(os.environ.get("RPA_NUM_SMS", 132))
+    try:
+        dev = jax.devices("gpu")[0]
+    except RuntimeError:
+        return sms, None, arch
+    cc = getattr(dev, "compute_capability", None)
+    if cc:
+        arch = int(str(cc).replace(".", ""))
+    return int(getattr(dev, "core_count", 0) or sms), str(dev.device_kind), arch
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("softmax_scale", "logits_soft_cap", "sliding_window", "compute_dtype",
-                     "num_kv_pages_per_block", "num_queries_per_block", "num_warps", "num_stages"),
-)
-def ragged_paged_attention_triton(
-    queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, sinks, kv_scales, *,
-    softmax_scale: float, logits_soft_cap, sliding_window, compute_dtype,
-    num_kv_pages_per_block=None, num_queries_per_block=None, num_warps=None, num_stages=None,
-):
-    from .triton import attention_constants, grid, reduce_constants
+def _launch(launch, args: list, out_types: list, arch: int) -> list:
+    pointer_dtypes = tuple(str(jnp.dtype(x.dtype)) for x in args) + tuple(str(jnp.dtype(t.dtype)) for t in out_types)
+    compiled = rpa_triton.compile_launch(launch, pointer_dtypes, arch)
+    opaque = zlib.compress(kernel_call_proto(
+        compiled, launch.grid, len(pointer_dtypes), launch.scalars, launch.num_warps, arch, launch.kernel))
+    aliases = {launch.inputs.index(n): i for i, n in enumerate(launch.outputs) if n in launch.inputs}
+    call = jax.ffi.ffi_call(TARGET, out_types, input_output_aliases=aliases or None)
+    return list(call(*args, name=launch.kernel, opaque=opaque))
 
-    k = kernels()
-    t, h, d = queries.shape
-    p, ps, c, _ = kv_pages.shape
-    dims = Dims(t, h, d, p, ps, c // 2, context_lens.shape[0], block_tables.shape[1])
-    sms, name = device_info()
-    cdt = jnp.dtype(compute_dtype).name
-    cfg = tuning.launch_config(dims, num_sms=sms, gpu_name=name, num_queries_per_block=num_queries_per_block,
-                               num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps,
-                               num_stages=num_stages,
-                               sliding_window=sliding_window is not None,
-                               compute_dtype=cdt)
-    consts = attention_constants(dims, cfg, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
-                                 sliding_window=sliding_window, use_sinks=sinks is not None,
-                                 kv_fp8=kv_pages.dtype == jnp.float8_e4m3fn, compute_dtype=cdt)
-    args = (
-        queries, kv_pages, context_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
-        query_start_loc.astype(jnp.int32), jnp.asarray(num_seqs, jnp.int32).reshape(1),
-        jnp.zeros((1,), jnp.float32) if sinks is None else sinks.astype(jnp.float32),
-        jnp.ones((2,), jnp.float32) if kv_scales is None else kv_scales.astype(jnp.float32),
-    )
-    if cfg.num_splits == 1:
-        return call(k.rpa_kernel, *args, out_shape=jax.ShapeDtypeStruct(queries.shape, queries.dtype),
-                    grid=grid(dims, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
-    d_pad = consts["HEAD_DIM_PAD"]
-    part, ml = call(
-        k.rpa_split_kernel, *args,
-        out_shape=(jax.ShapeDtypeStruct((cfg.num_splits, t, h, d_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((cfg.num_splits, t, h, 2), jnp.float32)),
-        grid=grid(dims, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **consts)
-    return call(k.rpa_reduce_kernel, part, ml, args[4], args[5],
-                out_shape=jax.ShapeDtypeStruct(queries.shape, queries.dtype), grid=(max(t, 1),),
-                num_warps=4, num_stages=1, **reduce_constants(dims, cfg))
+
+def run(plan: Plan, arrays: dict) -> jax.Array:
+    """Execute the plan's launches in order (inside the caller's jit) and return its result."""
+    check_versions()
+    _, _, arch = device_info()
+    env = dict(arrays)
+    types = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dt)) for name, shape, dt in plan.buffers}
+    for launch in plan.launches:
+        out_types = [types[n] if n in types else jax.ShapeDtypeStruct(env[n].shape, env[n].dtype)
+                     for n in launch.outputs]
+        outs = _launch(launch, [env[n] for n in launch.inputs], out_types, arch)
+        env.update(zip(launch.outputs, outs))
+    return env[plan.result]
+

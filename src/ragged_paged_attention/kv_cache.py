@@ -3,6 +3,7 @@ write_kv_pages, which puts a step's new keys and values into the pages."""
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -10,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .api import _kv_scales, _use_triton
-from .tuning import next_pow2
-from .validate import (FP8_E4M3_MAX, KV_DTYPES, QUERY_DTYPES, RaggedPagedAttentionError, _fail,
-                       check_kv_scales, is_concrete)
+from .api import check_concrete_scales, host_scalar, use_triton
+from .plan import write_plan
+from .validate import FP8_E4M3_MAX, RaggedPagedAttentionError, check_write_static, check_write_values, is_concrete
 
 
 def combine_kv_pages(
@@ -42,68 +42,6 @@ def split_kv_pages(kv_pages: Float[Array, "num_pages page_size two_num_kv_heads 
 # --- writing new K/V into the pages ---------------------------------------------------------------
 
 
-def check_write_static(kv_pages, keys, values, slot_mapping, k_scale=None, v_scale=None) -> None:
-    """Shape/dtype checks of write_kv_pages (anything with .shape/.dtype: arrays, tracers, specs)."""
-    if getattr(kv_pages, "ndim", None) != 4:
-        _fail("kv_pages must have rank 4 [num_pages, page_size, 2 * num_kv_heads, head_dim], "
-              f"got shape {getattr(kv_pages, 'shape', type(kv_pages))}")
-    num_pages, page_size, num_combined, head_dim = kv_pages.shape
-    if jnp.dtype(kv_pages.dtype) not in KV_DTYPES:
-        _fail(f"kv_pages dtype must be one of {[str(d) for d in KV_DTYPES]}, got {kv_pages.dtype}")
-    if num_combined % 2 or num_combined == 0:
-        _fail(f"kv_pages axis 2 holds interleaved K/V heads and must be even (2 * num_kv_heads), got {num_combined}")
-    for name, x in (("keys", keys), ("values", values)):
-        if getattr(x, "ndim", None) != 3:
-            _fail(f"{name} must have rank 3 [num_tokens, num_kv_heads, head_dim], "
-                  f"got shape {getattr(x, 'shape', type(x))}")
-        if jnp.dtype(x.dtype) not in QUERY_DTYPES:
-            _fail(f"{name} dtype must be one of {[str(d) for d in QUERY_DTYPES]}, got {x.dtype}")
-    if tuple(values.shape) != tuple(keys.shape):
-        _fail(f"values must have the shape of keys {tuple(keys.shape)}, got {tuple(values.shape)}")
-    if jnp.dtype(values.dtype) != jnp.dtype(keys.dtype):
-        _fail(f"keys and values must share a dtype, got {keys.dtype} and {values.dtype}")
-    num_tokens, num_kv_heads, k_head_dim = keys.shape
-    if 2 * num_kv_heads != num_combined:
-        _fail(f"keys must have num_kv_heads = kv_pages.shape[2] // 2 = {num_combined // 2} heads, "
-              f"got {num_kv_heads} (keys shape {tuple(keys.shape)})")
-    if k_head_dim != head_dim:
-        _fail(f"keys head_dim must equal kv_pages head_dim={head_dim} (last axis), got {k_head_dim}")
-    if getattr(slot_mapping, "ndim", None) != 1:
-        _fail("slot_mapping must have rank 1 [num_tokens], "
-              f"got shape {getattr(slot_mapping, 'shape', type(slot_mapping))}")
-    if not jnp.issubdtype(jnp.dtype(slot_mapping.dtype), jnp.integer):
-        _fail(f"slot_mapping must be an integer array (int32), got dtype {slot_mapping.dtype}")
-    if slot_mapping.shape[0] != num_tokens:
-        _fail(f"slot_mapping must have length num_tokens={num_tokens} (keys.shape[0]), got {slot_mapping.shape[0]}")
-    check_kv_scales(kv_pages.dtype, k_scale, v_scale)
-
-
-def check_write_values(slot_mapping, num_slots: int) -> None:
-    """Value checks of a concrete slot_mapping (host copy): in range, no slot written twice."""
-    slots = np.asarray(slot_mapping).astype(np.int64).reshape(-1)
-    live = slots[slots >= 0]
-    if live.size and live.max() >= num_slots:
-        t = int(np.argmax(slots >= num_slots))
-        _fail(f"slot_mapping[{t}]={slots[t]} is outside [0, num_pages * page_size = {num_slots}) "
-              "(negative slots are padding)")
-    uniq, counts = np.unique(live, return_counts=True)
-    if np.any(counts > 1):
-        s = int(uniq[np.argmax(counts > 1)])
-        _fail(f"slot_mapping writes slot {s} more than once (tokens {np.flatnonzero(slots == s).tolist()}); "
-              "which token would win is unspecified")
-
-
-def write_launch(num_kv_heads: int, head_dim: int, num_slots: int, kv_fp8: bool) -> tuple[int, dict]:
-    """(head blocks in the grid, constexprs) of triton.kv_write.write_kv_kernel, for both front doors."""
-    d_pad = max(16, next_pow2(head_dim))
-    # About 2048 elements per K (and V) tile: one token's row of a typical cache in one program.
-    block_h = min(next_pow2(num_kv_heads), max(1, 2048 // d_pad))
-    consts = dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_H=block_h,
-                  NUM_SLOTS=num_slots, KV_FP8=bool(kv_fp8))
-    return -(-num_kv_heads // block_h), consts
-
-
-@jax.jit
 def _write_xla(kv_pages, keys, values, slot_mapping, kv_scales):
     num_pages, page_size, num_combined, head_dim = kv_pages.shape
     num_tokens = keys.shape[0]
@@ -160,24 +98,27 @@ def write_kv_pages(
     """
     check_write_static(kv_pages, keys, values, slot_mapping, k_scale, v_scale)
     num_pages, page_size, num_combined, head_dim = kv_pages.shape
-    num_slots = num_pages * page_size
-    if check_inputs and is_concrete(slot_mapping):
-        check_write_values(slot_mapping, num_slots)
-    scales = _kv_scales(kv_pages, k_scale, v_scale)
-    use_triton = _use_triton(implementation)
+    if check_inputs:
+        if is_concrete(slot_mapping):
+            check_write_values(slot_mapping, num_pages * page_size)
+        check_concrete_scales(k_scale=k_scale, v_scale=v_scale)
     if keys.shape[0] == 0:
         return jnp.asarray(kv_pages)
-    if use_triton:
-        from . import jax_launch
-        from .triton import kv_write
+    return _write(kv_pages, keys, values, slot_mapping, host_scalar(k_scale, np.float32),
+                  host_scalar(v_scale, np.float32), triton=use_triton(implementation))
 
-        fp8 = scales is not None
-        head_blocks, consts = write_launch(num_combined // 2, head_dim, num_slots, fp8)
-        return jax_launch.call(
-            kv_write.write_kv_kernel, jnp.asarray(kv_pages), jnp.asarray(keys), jnp.asarray(values),
-            jnp.asarray(slot_mapping).astype(jnp.int32),
-            scales if fp8 else jnp.ones((2,), jnp.float32),
-            out_shape=jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype), grid=(keys.shape[0], head_blocks),
-            num_warps=4 if consts["BLOCK_H"] * consts["HEAD_DIM_PAD"] >= 1024 else 1, num_stages=1,
-            input_output_aliases={0: 0}, **consts)
-    return _write_xla(kv_pages, keys, values, slot_mapping, scales)
+
+@functools.partial(jax.jit, static_argnames=("triton",))
+def _write(kv_pages, keys, values, slot_mapping, k_scale, v_scale, *, triton: bool):
+    fp8 = kv_pages.dtype == jnp.float8_e4m3fn
+    ks = jnp.asarray(1.0 if k_scale is None else k_scale, jnp.float32).reshape(1)
+    vs = jnp.asarray(1.0 if v_scale is None else v_scale, jnp.float32).reshape(1)
+    slots = slot_mapping.astype(jnp.int32)
+    if not triton:
+        return _write_xla(kv_pages, keys, values, slots, jnp.concatenate([ks, vs]) if fp8 else None)
+    from . import jax_launch
+
+    num_pages, page_size, num_combined, head_dim = kv_pages.shape
+    plan = write_plan(keys.shape[0], num_combined // 2, head_dim, num_pages * page_size, str(kv_pages.dtype))
+    return jax_launch.run(plan, dict(kv_pages=kv_pages, keys=keys, values=values, slot_mapping=slots,
+                                     k_scale=ks if fp8 else None, v_scale=vs if fp8 else None))

@@ -18,6 +18,19 @@ from jax import lax
 NEG = -2.381976426469702e38
 
 
+def sink_logits(softmax_aux, num_q_heads: int, num_kv_heads: int):
+    """One float32 sink logit per query head: several sinks add their exponentials (logsumexp)."""
+    aux = jnp.asarray(softmax_aux, jnp.float32)
+    if aux.ndim == 1:
+        if aux.shape[0] == num_q_heads:
+            return aux
+        return jnp.broadcast_to(jax.nn.logsumexp(aux), (num_q_heads,))
+    per_row = jax.nn.logsumexp(aux, axis=-1)
+    if aux.shape[0] == num_q_heads:
+        return per_row
+    return jnp.repeat(per_row, num_q_heads // num_kv_heads)
+
+
 def block_layout(query_start_loc, num_seqs, max_num_seqs: int, block_q: int):
     """First query-block slot of every sequence: seq i owns slots [fb[i], fb[i+1]).
 
@@ -89,9 +102,11 @@ def ragged_paged_attention_xla(
     # float32 compute means float32 products (XLA on GPU would otherwise use TF32).
     prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
 
-    num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
-    qsl = query_start_loc.astype(jnp.int32)
-    ctx = context_lens.astype(jnp.int32)
+    # Clamped like the kernels' metadata reads: garbage metadata gives garbage rows, never a read
+    # outside the arrays (and the same rows as the kernels for valid metadata).
+    num_seqs = jnp.clip(jnp.asarray(num_seqs, jnp.int32).reshape(()), 0, max_num_seqs)
+    qsl = jnp.clip(query_start_loc.astype(jnp.int32), 0, total_tokens)
+    ctx = jnp.clip(context_lens.astype(jnp.int32), 0, pages_per_seq * page_size)
     # Pad the table so every tile's page slice is in bounds (dynamic_slice would clamp, not mask).
     n_tiles_max = -(-pages_per_seq // pages_per_tile)
     bt = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, n_tiles_max * pages_per_tile - pages_per_seq)))
@@ -108,7 +123,8 @@ def ragged_paged_attention_xla(
         # Slots before the first sequence's (query_start_loc[0] > 0) belong to no sequence.
         seq_ok = (found >= 0) & (found < num_seqs)
         seq = jnp.clip(found, 0, max_num_seqs - 1)
-        q_start, q_end = qsl[seq], qsl[seq + 1]
+        q_start = qsl[seq]
+        q_end = jnp.maximum(qsl[seq + 1], q_start)
         q_len = q_end - q_start
         kv_len = ctx[seq]
         row0 = q_start + (b - fb[seq]) * block_q
@@ -130,8 +146,9 @@ def ragged_paged_attention_xla(
             m0 = jnp.full((num_kv_heads, group, block_q), NEG, jnp.float32)
             l0 = jnp.zeros((num_kv_heads, group, block_q), jnp.float32)
         else:
-            m0 = jnp.broadcast_to(sink_init, (num_kv_heads, group, block_q))
-            l0 = jnp.ones((num_kv_heads, group, block_q), jnp.float32)
+            # The sink starts the running softmax (NEG at least: a -inf sink adds exp(-inf) = 0).
+            m0 = jnp.broadcast_to(jnp.maximum(sink_init, NEG), (num_kv_heads, group, block_q))
+            l0 = jnp.broadcast_to(jnp.exp(sink_init - jnp.maximum(sink_init, NEG)), (num_kv_heads, group, block_q))
         acc0 = jnp.zeros((num_kv_heads, group, block_q, head_dim), jnp.float32)
         m0, l0, acc0 = (_varying(x, vma) for x in (m0, l0, acc0))
 
@@ -141,6 +158,12 @@ def ragged_paged_attention_xla(
             pages = jnp.clip(pages, 0, num_pages - 1)  # entries past the used pages may be garbage
             kv = kv_pages[pages].reshape(tile, num_combined, head_dim)             # [TILE, 2*KVH, D]
             k, v = kv[:, 0::2], kv[:, 1::2]                                        # [TILE, KVH, D]
+            keys = t * tile + jnp.arange(tile, dtype=jnp.int32)
+            # Keys outside [lo, kv_len) read as 0, as the kernels never load them: freed pages
+            # before the window and slots past kv_len may hold NaN, and 0 x NaN would leak it.
+            in_range = ((keys >= lo) & (keys < kv_len))[:, None, None]
+            k = jnp.where(in_range, k, jnp.zeros((), k.dtype))
+            v = jnp.where(in_range, v, jnp.zeros((), v.dtype))
             if kv_scales is not None:
                 k = k.astype(jnp.float32) * kv_scales[0]
                 v = v.astype(jnp.float32) * kv_scales[1]
@@ -149,7 +172,6 @@ def ragged_paged_attention_xla(
             s = s * softmax_scale                                                  # [KVH, G, BQ, TILE]
             if logits_soft_cap is not None:
                 s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-            keys = t * tile + jnp.arange(tile, dtype=jnp.int32)
             vis = (keys[None, :] <= pos[:, None]) & (keys[None, :] < kv_len) & row_ok[:, None]
             if sliding_window is not None:
                 vis &= keys[None, :] > pos[:, None] - sliding_window
@@ -164,7 +186,8 @@ def ragged_paged_attention_xla(
             return t + 1, m_new, l, acc
 
         _, _, l, acc = lax.while_loop(lambda c: c[0] < t_hi, body, (t_lo, m0, l0, acc0))
-        out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+        # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN, as in the kernels.
+        out = acc / jnp.where(l == 0, 1.0, l)[..., None]
         out = out.transpose(2, 0, 1, 3).reshape(block_q, num_q_heads, head_dim)
         dest = jnp.where(row_ok, rows, total_tokens)  # out of range: dropped by the scatter
         return out.astype(queries.dtype), dest

@@ -21,7 +21,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from .api import ragged_page_attention_v2
-from .validate import RaggedPagedAttentionError, check_static, check_values, is_concrete, sink_logits
+from .reference import sink_logits
+from .validate import RaggedPagedAttentionError, check_static, check_values, is_concrete
 
 
 def _shard_map(f, mesh: Mesh, in_specs, out_specs):

@@ -1,25 +1,29 @@
-"""Static (shape/dtype) and value checks for ragged paged attention, and the library's error class."""
+"""Static (shape/dtype) and value checks for ragged paged attention, and the library's error class.
+
+Plain Python and NumPy: the checks read shapes and dtype *names*, so the JAX door, the PyTorch door
+(which must not import JAX) and the cache writer share them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
 class RaggedPagedAttentionError(ValueError, AssertionError):
     """Bad input to a ragged paged attention call.
 
-    Both a ValueError (what Python users expect) and an AssertionError (what the seed promises).
+    Both a ValueError (what Python users expect) and an AssertionError (what ejkernel's
+    ragged_page_attention_v2 promises).
     """
 
 
-QUERY_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-KV_DTYPES = QUERY_DTYPES + (jnp.dtype(jnp.float8_e4m3fn),)
+QUERY_DTYPES = ("float32", "bfloat16", "float16")
+KV_DTYPES = QUERY_DTYPES + ("float8_e4m3fn",)
 COMPUTE_DTYPES = QUERY_DTYPES
 # Largest finite float8_e4m3fn value: write_kv_pages saturates to it.
 FP8_E4M3_MAX = 448.0
@@ -29,11 +33,45 @@ def _fail(msg: str):
     raise RaggedPagedAttentionError(msg)
 
 
+def dtype_name(dtype: Any) -> str:
+    """'bfloat16', 'float8_e4m3fn', ... for a NumPy / ml_dtypes / JAX dtype, a torch dtype or a name."""
+    if isinstance(dtype, str):
+        return dtype.removeprefix("torch.")
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return text
+
+
+def _dtype_of(x: Any) -> str:
+    return dtype_name(getattr(x, "dtype", type(x).__name__))
+
+
+def _is_int(name: str) -> bool:
+    return name.startswith(("int", "uint"))
+
+
+def _is_float(name: str) -> bool:
+    return name.startswith(("float", "bfloat"))
+
+
 def is_concrete(x: Any) -> bool:
-    """True when the value of x can be read on the host (not a tracer)."""
-    return not isinstance(x, jax.core.Tracer)
+    """True when the value of x can be read on the host (not a JAX tracer)."""
+    jax = sys.modules.get("jax")
+    return jax is None or not isinstance(x, jax.core.Tracer)
 
 
+def _shape(x: Any) -> tuple | None:
+    shape = getattr(x, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def _ndim(x: Any) -> int | None:
+    shape = _shape(x)
+    return None if shape is None else len(shape)
 @dataclasses.dataclass(frozen=True)
 class Dims:
     total_tokens: int
@@ -50,17 +88,11 @@ class Dims:
         return self.num_q_heads // self.num_kv_heads
 
 
-def _is_int_dtype(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.integer)
-
-
-def check_dtype_arg(name: str, value, allowed) -> jnp.dtype:
-    try:
-        dt = jnp.dtype(value)
-    except TypeError:
-        _fail(f"{name} must be one of {[str(d) for d in allowed]}, got {value!r}")
+def check_dtype_arg(name: str, value, allowed) -> str:
+    """The dtype name of value, which must be one of allowed (names)."""
+    dt = dtype_name(value)
     if dt not in allowed:
-        _fail(f"{name} must be one of {[str(d) for d in allowed]}, got {dt}")
+        _fail(f"{name} must be one of {list(allowed)}, got {value!r}")
     return dt
 
 
@@ -74,7 +106,7 @@ def check_static(
     *,
     softmax_scale=None,
     logits_soft_cap=None,
-    compute_dtype=jnp.bfloat16,
+    compute_dtype="bfloat16",
     sliding_window=None,
     softmax_aux=None,
     mask_value=None,
@@ -85,55 +117,50 @@ def check_static(
     k_scale=None,
     v_scale=None,
 ) -> Dims:
-    """Shape, dtype and option checks that need no array values (run at trace time)."""
-    if getattr(queries, "ndim", None) != 3:
-        _fail(f"queries must have rank 3 [total_tokens, num_q_heads, head_dim], got shape {getattr(queries, 'shape', type(queries))}")
-    if getattr(kv_pages, "ndim", None) != 4:
-        _fail(
-            "kv_pages must have rank 4 [num_pages, page_size, 2 * num_kv_heads, head_dim], "
-            f"got shape {getattr(kv_pages, 'shape', type(kv_pages))}"
-        )
-    total_tokens, num_q_heads, head_dim = queries.shape
-    num_pages, page_size, num_combined, kv_head_dim = kv_pages.shape
-    if jnp.dtype(queries.dtype) not in QUERY_DTYPES:
-        _fail(f"queries dtype must be one of {[str(d) for d in QUERY_DTYPES]}, got {queries.dtype}")
-    if jnp.dtype(kv_pages.dtype) not in KV_DTYPES:
-        _fail(f"kv_pages dtype must be one of {[str(d) for d in KV_DTYPES]}, got {kv_pages.dtype}")
+    """Shape, dtype and option checks that need no array values (run at trace time).
+
+    Arrays may be anything with .shape and .dtype (JAX arrays and tracers, NumPy arrays, torch
+    tensors).
+    """
+    if _ndim(queries) != 3:
+        _fail(f"queries must have rank 3 [total_tokens, num_q_heads, head_dim], got shape {_shape(queries)}")
+    if _ndim(kv_pages) != 4:
+        _fail("kv_pages must have rank 4 [num_pages, page_size, 2 * num_kv_heads, head_dim], "
+              f"got shape {_shape(kv_pages)}")
+    total_tokens, num_q_heads, head_dim = _shape(queries)
+    num_pages, page_size, num_combined, kv_head_dim = _shape(kv_pages)
+    if _dtype_of(queries) not in QUERY_DTYPES:
+        _fail(f"queries dtype must be one of {list(QUERY_DTYPES)}, got {_dtype_of(queries)}")
+    if _dtype_of(kv_pages) not in KV_DTYPES:
+        _fail(f"kv_pages dtype must be one of {list(KV_DTYPES)}, got {_dtype_of(kv_pages)}")
     if kv_head_dim != head_dim:
         _fail(f"kv_pages head_dim (last axis) must equal queries head_dim={head_dim}, got {kv_head_dim}")
     if head_dim < 1 or num_q_heads < 1:
-        _fail(f"queries must have num_q_heads >= 1 and head_dim >= 1, got shape {queries.shape}")
+        _fail(f"queries must have num_q_heads >= 1 and head_dim >= 1, got shape {_shape(queries)}")
     if num_combined % 2 != 0 or num_combined == 0:
-        _fail(
-            "kv_pages axis 2 holds interleaved K/V heads and must be even (2 * num_kv_heads), "
-            f"got {num_combined}"
-        )
+        _fail("kv_pages axis 2 holds interleaved K/V heads and must be even (2 * num_kv_heads), "
+              f"got {num_combined}")
     num_kv_heads = num_combined // 2
     if num_q_heads % num_kv_heads != 0:
         _fail(f"{num_q_heads=} must be a multiple of {num_kv_heads=}")
     if page_size < 1 or num_pages < 1:
-        _fail(f"kv_pages must have num_pages >= 1 and page_size >= 1, got shape {kv_pages.shape}")
+        _fail(f"kv_pages must have num_pages >= 1 and page_size >= 1, got shape {_shape(kv_pages)}")
 
     for name, arr, rank in (("context_lens", context_lens, 1), ("block_tables", block_tables, 2),
                             ("query_start_loc", query_start_loc, 1)):
-        if getattr(arr, "ndim", None) != rank:
-            _fail(f"{name} must have rank {rank}, got shape {getattr(arr, 'shape', type(arr))}")
-        if not _is_int_dtype(arr):
-            _fail(f"{name} must be an integer array (int32), got dtype {jnp.result_type(arr)}")
-    max_num_seqs = context_lens.shape[0]
-    if block_tables.shape[0] != max_num_seqs:
-        _fail(
-            f"block_tables must have shape [max_num_seqs={max_num_seqs}, pages_per_seq], "
-            f"got {block_tables.shape}"
-        )
-    if query_start_loc.shape[0] != max_num_seqs + 1:
-        _fail(
-            f"query_start_loc must have shape [max_num_seqs + 1] = [{max_num_seqs + 1}], "
-            f"got {query_start_loc.shape}"
-        )
-    pages_per_seq = block_tables.shape[1]
+        if _ndim(arr) != rank:
+            _fail(f"{name} must have rank {rank}, got shape {_shape(arr) if _shape(arr) is not None else type(arr).__name__}")
+        if not _is_int(_dtype_of(arr)):
+            _fail(f"{name} must be an integer array (int32), got dtype {_dtype_of(arr)}")
+    max_num_seqs = _shape(context_lens)[0]
+    if _shape(block_tables)[0] != max_num_seqs:
+        _fail(f"block_tables must have shape [max_num_seqs={max_num_seqs}, pages_per_seq], got {_shape(block_tables)}")
+    if _shape(query_start_loc)[0] != max_num_seqs + 1:
+        _fail(f"query_start_loc must have shape [max_num_seqs + 1] = [{max_num_seqs + 1}], "
+              f"got {_shape(query_start_loc)}")
+    pages_per_seq = _shape(block_tables)[1]
     if pages_per_seq < 1:
-        _fail(f"block_tables must have at least one column, got shape {block_tables.shape}")
+        _fail(f"block_tables must have at least one column, got shape {_shape(block_tables)}")
 
     if isinstance(num_seqs, bool):
         _fail(f"num_seqs must be an int or an int32 scalar array, got bool {num_seqs}")
@@ -141,11 +168,11 @@ def check_static(
         if not 0 <= int(num_seqs) <= max_num_seqs:
             _fail(f"num_seqs must be in [0, max_num_seqs={max_num_seqs}], got {int(num_seqs)}")
     else:
-        shape = getattr(num_seqs, "shape", None)
+        shape = _shape(num_seqs)
         if shape is None or math.prod(shape) != 1 or len(shape) > 1:
             _fail(f"num_seqs must be an int or an integer scalar array, got {type(num_seqs).__name__} with shape {shape}")
-        if not _is_int_dtype(num_seqs):
-            _fail(f"num_seqs must be an integer scalar, got dtype {jnp.result_type(num_seqs)}")
+        if not _is_int(_dtype_of(num_seqs)):
+            _fail(f"num_seqs must be an integer scalar, got dtype {_dtype_of(num_seqs)}")
 
     if softmax_scale is not None:
         if not isinstance(softmax_scale, (int, float, np.floating, np.integer)) or isinstance(softmax_scale, bool):
@@ -169,48 +196,62 @@ def check_static(
     check_dtype_arg("compute_dtype", compute_dtype, COMPUTE_DTYPES)
 
     if softmax_aux is not None:
-        if not jnp.issubdtype(jnp.result_type(softmax_aux), jnp.floating):
-            _fail(f"softmax_aux must be a float array, got dtype {jnp.result_type(softmax_aux)}")
-        shape = tuple(softmax_aux.shape)
-        ok = len(shape) == 1 and shape[0] >= 1
-        ok |= len(shape) == 2 and shape[0] in (num_q_heads, num_kv_heads) and shape[1] >= 1
+        if not _is_float(_dtype_of(softmax_aux)):
+            _fail(f"softmax_aux must be a float array, got dtype {_dtype_of(softmax_aux)}")
+        shape = _shape(softmax_aux)
+        ok = shape is not None and len(shape) == 1 and shape[0] >= 1
+        ok |= shape is not None and len(shape) == 2 and shape[0] in (num_q_heads, num_kv_heads) and shape[1] >= 1
         if not ok:
-            _fail(
-                f"softmax_aux must have shape [num_q_heads={num_q_heads}], [num_sinks] or "
-                f"[num_q_heads={num_q_heads} or num_kv_heads={num_kv_heads}, num_sinks], got {shape}"
-            )
+            _fail(f"softmax_aux must have shape [num_q_heads={num_q_heads}], [num_sinks] or "
+                  f"[num_q_heads={num_q_heads} or num_kv_heads={num_kv_heads}, num_sinks], got {shape}")
 
-    for name, v, lo in (("num_kv_pages_per_block", num_kv_pages_per_block, 1),
-                        ("num_queries_per_block", num_queries_per_block, 1),
-                        ("num_warps", num_warps, 1), ("num_stages", num_stages, 1)):
-        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo):
+    for name, v in (("num_kv_pages_per_block", num_kv_pages_per_block),
+                    ("num_queries_per_block", num_queries_per_block),
+                    ("num_warps", num_warps), ("num_stages", num_stages)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
             _fail(f"{name} must be a positive int or None, got {v!r}")
     if num_warps is not None and num_warps & (num_warps - 1):
         _fail(f"num_warps must be a power of two, got {num_warps}")
 
-    check_kv_scales(kv_pages.dtype, k_scale, v_scale)
+    check_kv_scales(_dtype_of(kv_pages), k_scale, v_scale)
 
     return Dims(total_tokens, num_q_heads, head_dim, num_pages, page_size, num_kv_heads,
                 max_num_seqs, pages_per_seq)
 
 
+def sink_layout(aux_shape: tuple, num_q_heads: int) -> tuple[int, int]:
+    """(rows, sinks per row) of a softmax_aux shape as the kernels read it: [num_q_heads] is one sink
+    per head, any other 1-D length a set shared by every head, 2-D [rows, num_sinks] per row."""
+    if len(aux_shape) == 1:
+        return (num_q_heads, 1) if aux_shape[0] == num_q_heads else (1, aux_shape[0])
+    return aux_shape[0], aux_shape[1]
+
+
+def _is_python_number(s) -> bool:
+    return isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool)
+
+
 def check_kv_scales(kv_dtype, k_scale, v_scale) -> None:
     """k_scale / v_scale: only with a float8_e4m3fn cache; positive floats or float32 scalars."""
-    fp8 = jnp.dtype(kv_dtype) == jnp.dtype(jnp.float8_e4m3fn)
+    fp8 = dtype_name(kv_dtype) == "float8_e4m3fn"
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is None:
             continue
         if not fp8:
-            _fail(f"{name} is only meaningful for a float8_e4m3fn kv_pages cache, got kv_pages dtype {kv_dtype}")
-        if isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool):
-            if not (math.isfinite(float(s)) and float(s) > 0):
-                _fail(f"{name} must be a positive finite float, got {s}")
-        elif getattr(s, "shape", None) is not None and math.prod(s.shape) == 1:
-            if not jnp.issubdtype(jnp.result_type(s), jnp.floating):
-                _fail(f"{name} must be a float32 scalar, got dtype {jnp.result_type(s)}")
+            _fail(f"{name} is only meaningful for a float8_e4m3fn kv_pages cache, got kv_pages dtype {dtype_name(kv_dtype)}")
+        if _is_python_number(s):
+            check_scale_value(name, float(s))
+        elif _shape(s) is not None and math.prod(_shape(s)) == 1:
+            if not _is_float(_dtype_of(s)):
+                _fail(f"{name} must be a float32 scalar, got dtype {_dtype_of(s)}")
         else:
             _fail(f"{name} must be a Python float or a float32 scalar array, got {type(s).__name__} "
-                  f"with shape {getattr(s, 'shape', None)}")
+                  f"with shape {_shape(s)}")
+
+
+def check_scale_value(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        _fail(f"{name} must be a positive finite float, got {value}")
 
 
 def check_values(context_lens, block_tables, query_start_loc, num_seqs, dims: Dims, *,
@@ -263,14 +304,50 @@ def check_values(context_lens, block_tables, query_start_loc, num_seqs, dims: Di
                   f"[0, num_pages={dims.num_pages})")
 
 
-def sink_logits(softmax_aux, num_q_heads: int, num_kv_heads: int):
-    """One float32 sink logit per query head: several sinks add their exponentials (logsumexp)."""
-    aux = jnp.asarray(softmax_aux, jnp.float32)
-    if aux.ndim == 1:
-        if aux.shape[0] == num_q_heads:
-            return aux
-        return jnp.broadcast_to(jax.nn.logsumexp(aux), (num_q_heads,))
-    per_row = jax.nn.logsumexp(aux, axis=-1)
-    if aux.shape[0] == num_q_heads:
-        return per_row
-    return jnp.repeat(per_row, num_q_heads // num_kv_heads)
+def check_write_static(kv_pages, keys, values, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Shape/dtype checks of write_kv_pages (anything with .shape/.dtype: arrays, tracers, tensors)."""
+    if _ndim(kv_pages) != 4:
+        _fail("kv_pages must have rank 4 [num_pages, page_size, 2 * num_kv_heads, head_dim], "
+              f"got shape {_shape(kv_pages)}")
+    num_pages, page_size, num_combined, head_dim = _shape(kv_pages)
+    if _dtype_of(kv_pages) not in KV_DTYPES:
+        _fail(f"kv_pages dtype must be one of {list(KV_DTYPES)}, got {_dtype_of(kv_pages)}")
+    if num_combined % 2 or num_combined == 0:
+        _fail(f"kv_pages axis 2 holds interleaved K/V heads and must be even (2 * num_kv_heads), got {num_combined}")
+    for name, x in (("keys", keys), ("values", values)):
+        if _ndim(x) != 3:
+            _fail(f"{name} must have rank 3 [num_tokens, num_kv_heads, head_dim], got shape {_shape(x)}")
+        if _dtype_of(x) not in QUERY_DTYPES:
+            _fail(f"{name} dtype must be one of {list(QUERY_DTYPES)}, got {_dtype_of(x)}")
+    if _shape(values) != _shape(keys):
+        _fail(f"values must have the shape of keys {_shape(keys)}, got {_shape(values)}")
+    if _dtype_of(values) != _dtype_of(keys):
+        _fail(f"keys and values must share a dtype, got {_dtype_of(keys)} and {_dtype_of(values)}")
+    num_tokens, num_kv_heads, k_head_dim = _shape(keys)
+    if 2 * num_kv_heads != num_combined:
+        _fail(f"keys must have num_kv_heads = kv_pages.shape[2] // 2 = {num_combined // 2} heads, "
+              f"got {num_kv_heads} (keys shape {_shape(keys)})")
+    if k_head_dim != head_dim:
+        _fail(f"keys head_dim must equal kv_pages head_dim={head_dim} (last axis), got {k_head_dim}")
+    if _ndim(slot_mapping) != 1:
+        _fail(f"slot_mapping must have rank 1 [num_tokens], got shape {_shape(slot_mapping)}")
+    if not _is_int(_dtype_of(slot_mapping)):
+        _fail(f"slot_mapping must be an integer array (int32), got dtype {_dtype_of(slot_mapping)}")
+    if _shape(slot_mapping)[0] != num_tokens:
+        _fail(f"slot_mapping must have length num_tokens={num_tokens} (keys.shape[0]), got {_shape(slot_mapping)[0]}")
+    check_kv_scales(_dtype_of(kv_pages), k_scale, v_scale)
+
+
+def check_write_values(slot_mapping, num_slots: int) -> None:
+    """Value checks of a concrete slot_mapping (host copy): in range, no slot written twice."""
+    slots = np.asarray(slot_mapping).astype(np.int64).reshape(-1)
+    live = slots[slots >= 0]
+    if live.size and live.max() >= num_slots:
+        t = int(np.argmax(slots >= num_slots))
+        _fail(f"slot_mapping[{t}]={slots[t]} is outside [0, num_pages * page_size = {num_slots}) "
+              "(negative slots are padding)")
+    uniq, counts = np.unique(live, return_counts=True)
+    if np.any(counts > 1):
+        s = int(uniq[np.argmax(counts > 1)])
+        _fail(f"slot_mapping writes slot {s} more than once (tokens {np.flatnonzero(slots == s).tolist()}); "
+              "which token would win is unspecified")

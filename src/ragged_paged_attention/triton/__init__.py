@@ -1,48 +1,81 @@
-"""Triton kernels (kernels.py) and the constants both front doors (JAX, PyTorch) launch them with."""
+"""The Triton side both front doors share: kernels by name, a launch's constexprs and signature as
+Triton wants them, and ahead-of-time compilation (the JAX door and tools/compile_check.py).
+
+Compiled kernels go through ``triton.compile``, whose on-disk cache (``TRITON_CACHE_DIR``, by
+default ``~/.triton/cache``) keeps them across processes: a second process start loads them.
+"""
 
 from __future__ import annotations
 
-from ..tuning import LaunchConfig, next_pow2
-from ..validate import Dims
+import functools
 
-COMPUTE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
-
-
-def grid(dims: Dims, cfg: LaunchConfig) -> tuple[int, ...]:
-    """Launch grid of rpa_kernel (one axis: slot-major, KV-head-minor) or rpa_split_kernel (+ splits)."""
-    n = num_blocks(dims, cfg) * dims.num_kv_heads
-    return (n,) if cfg.num_splits == 1 else (n, cfg.num_splits)
+# dtype names (validate.dtype_name) -> Triton pointer element types
+TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8e4nv",
+                "int32": "i32", "int64": "i64"}
 
 
-def attention_constants(dims: Dims, cfg: LaunchConfig, *, softmax_scale: float, logits_soft_cap,
-                        sliding_window, use_sinks: bool, kv_fp8: bool, compute_dtype: str) -> dict:
-    """constexpr arguments of rpa_kernel / rpa_split_kernel (the split kernel adds NUM_SPLITS)."""
-    consts = dict(
-        NUM_Q_HEADS=dims.num_q_heads, NUM_KV_HEADS=dims.num_kv_heads, HEAD_DIM=dims.head_dim,
-        HEAD_DIM_PAD=max(16, next_pow2(dims.head_dim)), PAGE_SIZE=dims.page_size,
-        PAGES_PER_SEQ=dims.pages_per_seq, NUM_BLOCKS=num_blocks(dims, cfg),
-        BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, TILE_N=cfg.tile_n,
-        SM_SCALE=float(softmax_scale), SOFT_CAP=float(logits_soft_cap or 0.0),
-        USE_SOFTCAP=logits_soft_cap is not None, WINDOW=int(sliding_window or 0),
-        USE_WINDOW=sliding_window is not None, USE_SINKS=bool(use_sinks), KV_FP8=bool(kv_fp8),
-        COMPUTE=COMPUTE_CODES[str(compute_dtype)], TOTAL_TOKENS=dims.total_tokens,
-    )
-    if cfg.num_splits > 1:
-        consts.update(NUM_SPLITS=cfg.num_splits)
-    return consts
+def kernel(name: str):
+    from . import kernels
+
+    return getattr(kernels, name)
 
 
-def num_blocks(dims: Dims, cfg: LaunchConfig) -> int:
-    """Query-block slots: enough for any split of total_tokens into max_num_seqs sequences.
+def constexprs(consts) -> dict:
+    """A launch's constexprs ((name, value) pairs) for Triton: the compute dtype name becomes a Triton dtype."""
+    import triton.language as tl
 
-    The slots also cover [0, total_tokens) in aligned chunks of block_q (for max_num_seqs >= 1;
-    both front doors return zeros without a launch when max_num_seqs or total_tokens is 0): the
-    kernel zeroes the rows of no sequence by that cover, so this must stay >= cdiv(total_tokens, block_q).
-    """
-    return dims.total_tokens // cfg.block_q + dims.max_num_seqs
+    out = dict(consts)
+    if "COMPUTE" in out:
+        out["COMPUTE"] = getattr(tl, out["COMPUTE"])
+    return out
 
 
-def reduce_constants(dims: Dims, cfg: LaunchConfig) -> dict:
-    return dict(NUM_Q_HEADS=dims.num_q_heads, HEADS_PAD=next_pow2(dims.num_q_heads),
-                HEAD_DIM=dims.head_dim, HEAD_DIM_PAD=max(16, next_pow2(dims.head_dim)),
-                NUM_SPLITS=cfg.num_splits, TOTAL_TOKENS=dims.total_tokens)
+def signature(name: str, consts, pointer_dtypes: tuple[str, ...]) -> dict[str, str]:
+    """{parameter: Triton type} of kernel `name`: its first parameters are the pointers (typed by
+    their arrays' dtype names), the other non-constexpr ones run-time int32 sizes."""
+    const_names = {k for k, _ in consts}
+    sig = {}
+    for i, arg in enumerate(kernel(name).arg_names):
+        if arg in const_names:
+            sig[arg] = "constexpr"
+        elif i < len(pointer_dtypes):
+            sig[arg] = "*" + TRITON_TYPES[pointer_dtypes[i]]
+        else:
+            sig[arg] = "i32"
+    return sig
+
+
+def compile_key(launch, pointer_dtypes: tuple[str, ...], arch: int) -> tuple:
+    """What a compiled kernel depends on: never the grid or the run-time sizes."""
+    assert len(pointer_dtypes) == len(launch.inputs) + len(launch.outputs), (launch.kernel, pointer_dtypes)
+    return (launch.kernel, tuple(pointer_dtypes), launch.constexprs, launch.num_warps, launch.num_stages, arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(key: tuple):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, pointer_dtypes, consts, num_warps, num_stages, arch = key
+    fn = kernel(name)
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError(f"{name} is a {type(fn).__name__}, not a JITFunction: TRITON_INTERPRET was set when "
+                           "ragged_paged_attention.triton.kernels was imported, so it cannot be compiled")
+    sig = signature(name, consts, pointer_dtypes)
+    # Both doors pass 16-byte aligned buffers (torch and XLA allocations): Triton's runtime would
+    # specialise them as tt.divisibility=16, so the ahead-of-time compile does too.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs(consts), attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_launch(launch, pointer_dtypes: tuple[str, ...], arch: int = 90):
+    """triton.compile of one launch for sm_<arch> (no GPU needed); cached in process and on disk."""
+    return _compile(compile_key(launch, pointer_dtypes, arch))
+
+
+def compiled_count() -> int:
+    """Kernels compiled (or loaded from Triton's disk cache) by this process: one per compile key."""
+    return _compile.cache_info().currsize

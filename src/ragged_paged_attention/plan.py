@@ -1,0 +1,174 @@
+"""What a call launches: kernels, grids, run-time sizes, constexprs, warps, stages, buffers.
+
+One function per op makes a frozen ``Plan``; the JAX door (jax_launch.py) and the PyTorch door
+(pytorch.py) only allocate its buffers and run its launches in order, and tools/compile_check.py
+compiles the launches of the plans a model would make. Plans depend on shapes and options only:
+which sequences are decode or prefill, and how far a decode splits its KV, is decided by the
+kernels from run-time lengths.
+
+Buffers are named. The caller provides the inputs (``INPUTS``); ``Plan.buffers`` lists the ones a
+plan allocates (its output ``out`` among them). A launch's pointer arguments are its ``inputs``
+then its ``outputs``, in kernel-parameter order; a name in both is updated in place (aliased).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from . import tuning
+from .tuning import next_pow2
+from .validate import Dims, sink_layout
+
+# Buffers the caller provides: the call's arrays (num_seqs as a 1-element int32 array; k_scale /
+# v_scale as 1-element float32 arrays, only with a float8 cache; sinks = softmax_aux as given).
+INPUTS = ("queries", "kv_pages", "context_lens", "block_tables", "query_start_loc", "num_seqs",
+          "sinks", "k_scale", "v_scale", "keys", "values", "slot_mapping")
+# A pointer argument the kernel never reads (its feature is off): any input will do.
+UNUSED_IN = "queries"
+
+# Flash decoding: enough (sequence, split, KV head) programs to give every SM this many, at most
+# MAX_SPLITS splits per sequence (the split-KV rule of benchmarks/sweep_h100_v1.log).
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    kernel: str                        # name of a @triton.jit function in triton/kernels.py
+    grid: tuple[int, ...]
+    inputs: tuple[str, ...]            # pointer arguments read, then
+    outputs: tuple[str, ...]           # pointer arguments written (a name also in inputs: in place)
+    scalars: tuple[int, ...]           # run-time int32 arguments after the pointers
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int
+    num_stages: int
+
+    @property
+    def constexpr_dict(self) -> dict[str, Any]:
+        return dict(self.constexprs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    launches: tuple[Launch, ...]
+    buffers: tuple[tuple[str, tuple[int, ...], str], ...]   # (name, shape, dtype name) to allocate
+    result: str                                             # the buffer returned to the caller
+
+
+def decode_tokens(group: int) -> int:
+    """Most queries a sequence may have to take the decode tiles: its tokens x G heads fill the
+    16 rows of the smallest matrix-unit tile (1 token once G >= 16)."""
+    return max(1, 16 // group)
+
+
+def attention_plan(
+    dims: Dims,
+    *,
+    q_dtype: str,
+    kv_dtype: str,
+    compute_dtype: str,
+    softmax_scale: float,
+    logits_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    sink_shape: tuple[int, ...] | None = None,
+    num_sms: int = 132,
+    device_kind: str | None = None,
+    num_queries_per_block: int | None = None,
+    num_kv_pages_per_block: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Plan:
+    """Launches of one ragged_page_attention_v2 call: prefill tiles, decode tiles, split merge.
+
+    Both attention launches run every call; each program exits at once when its sequence is of the
+    other kind or dead. The knobs set the prefill tile (num_queries_per_block) and both tiles
+    (keys per tile, warps, stages); left as None they come from tuning.lookup.
+    """
+    g = dims.group_size
+    d_pad = max(16, next_pow2(dims.head_dim))
+    dec_q = decode_tokens(g)
+    target = PROGRAMS_PER_SM * max(1, num_sms)
+    sink_rows, num_sinks = sink_layout(tuple(sink_shape), dims.num_q_heads) if sink_shape else (0, 1)
+    common = dict(
+        NUM_Q_HEADS=dims.num_q_heads, NUM_KV_HEADS=dims.num_kv_heads, HEAD_DIM=dims.head_dim,
+        HEAD_DIM_PAD=d_pad, PAGE_SIZE=dims.page_size,
+        SM_SCALE=float(softmax_scale), SOFT_CAP=float(logits_soft_cap or 0.0),
+        USE_SOFTCAP=logits_soft_cap is not None, WINDOW=int(sliding_window or 0),
+        USE_WINDOW=sliding_window is not None, SINK_ROWS=sink_rows, NUM_SINKS=num_sinks,
+        KV_FP8=kv_dtype == "float8_e4m3fn", COMPUTE=compute_dtype,
+        DEC_Q=dec_q, TARGET=target, MAX_SPLITS=MAX_SPLITS,
+    )
+    sizes = (dims.total_tokens, dims.max_num_seqs, dims.pages_per_seq, dims.num_pages)
+    fp8 = kv_dtype == "float8_e4m3fn"
+    meta = ("queries", "kv_pages", "context_lens", "block_tables", "query_start_loc", "num_seqs",
+            "sinks" if sink_shape else UNUSED_IN, "k_scale" if fp8 else UNUSED_IN, "v_scale" if fp8 else UNUSED_IN)
+
+    def tile(kind: str) -> tuple[int, int, int, int, int]:
+        cfg = tuning.lookup(device_kind, kind, d_pad, g, dims.page_size, compute_dtype)
+        if kind == "decode":
+            block_q = dec_q
+        elif num_queries_per_block is not None:
+            block_q = int(num_queries_per_block)
+        else:
+            block_q = max(1, cfg.block_rows // g)
+        block_m = max(16, next_pow2(block_q * g))
+        tile_n = cfg.tile_n if num_kv_pages_per_block is None else next_pow2(num_kv_pages_per_block * dims.page_size)
+        tile_n = max(16, tile_n)
+        # Keep one tile's registers in reach: rows x keys and rows x head_dim f32 accumulators.
+        while block_m * tile_n > 128 * 128 and tile_n > 16:
+            tile_n //= 2
+        return (block_q, block_m, tile_n, num_warps or cfg.num_warps, num_stages or cfg.num_stages)
+
+    pq, pm, pn, pw, ps = tile("prefill")
+    dq, dm, dn, dw, ds = tile("decode")
+    splits = target // dims.num_kv_heads >= 2
+    part_rows = target // dims.num_kv_heads if splits else 1
+    part_shape = (part_rows, dec_q, dims.num_q_heads, d_pad) if splits else (1,)
+    ml_shape = (part_rows, dec_q, dims.num_q_heads, 2) if splits else (1,)
+    launches = [
+        Launch("rpa_kernel", ((dims.total_tokens // pq + dims.max_num_seqs) * dims.num_kv_heads,),
+               meta + (UNUSED_IN,), ("out", "unused_part", "unused_ml"), sizes,
+               tuple(dict(common, BLOCK_M=pm, BLOCK_Q=pq, TILE_N=pn, DECODE=False).items()), pw, ps),
+        Launch("rpa_kernel", (max(dims.max_num_seqs * dims.num_kv_heads, target),),
+               meta + ("out",), ("out", "part", "ml"), sizes,
+               tuple(dict(common, BLOCK_M=dm, BLOCK_Q=dq, TILE_N=dn, DECODE=True).items()), dw, ds),
+    ]
+    if splits:
+        reduce_consts = dict(
+            NUM_Q_HEADS=dims.num_q_heads, NUM_KV_HEADS=dims.num_kv_heads, HEADS_PAD=next_pow2(dims.num_q_heads),
+            HEAD_DIM=dims.head_dim, HEAD_DIM_PAD=d_pad, PAGE_SIZE=dims.page_size,
+            DEC_Q=dec_q, TARGET=target, MAX_SPLITS=MAX_SPLITS)
+        launches.append(Launch(
+            "rpa_reduce_kernel", (max(1, min(dims.max_num_seqs, target // (2 * dims.num_kv_heads))), dec_q),
+            ("part", "ml", "context_lens", "query_start_loc", "num_seqs", "out"), ("out",), sizes,
+            tuple(reduce_consts.items()), 4, 1))
+    buffers = (("out", (dims.total_tokens, dims.num_q_heads, dims.head_dim), q_dtype),
+               ("part", part_shape, "float32"), ("ml", ml_shape, "float32"),
+               ("unused_part", (1,), "float32"), ("unused_ml", (1,), "float32"))
+    return Plan(tuple(launches), buffers, "out")
+
+
+def write_plan(num_tokens: int, num_kv_heads: int, head_dim: int, num_slots: int, kv_dtype: str) -> Plan:
+    """One launch of write_kv_kernel: token t's keys and values into cache row slot_mapping[t]."""
+    d_pad = max(16, next_pow2(head_dim))
+    # About 2048 elements per K (and V) tile: one token's row of a typical cache in one program.
+    block_h = min(next_pow2(num_kv_heads), max(1, 2048 // d_pad))
+    fp8 = kv_dtype == "float8_e4m3fn"
+    consts = dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_H=block_h, KV_FP8=fp8)
+    launch = Launch(
+        "write_kv_kernel", (num_tokens, -(-num_kv_heads // block_h)),
+        ("kv_pages", "keys", "values", "slot_mapping", "k_scale" if fp8 else "keys", "v_scale" if fp8 else "keys"),
+        ("kv_pages",), (num_slots,), tuple(consts.items()),
+        4 if block_h * d_pad >= 1024 else 1, 1)
+    return Plan((launch,), (), "kv_pages")
+
+
+def pointer_dtypes(plan: Plan, launch: Launch, input_dtypes: dict[str, str]) -> tuple[str, ...]:
+    """dtype names of a launch's pointer arguments (inputs, then outputs), from the caller's inputs
+    (input_dtypes; the index arrays default to int32, sinks and scales to float32) and the plan's buffers."""
+    known = dict(context_lens="int32", block_tables="int32", query_start_loc="int32", num_seqs="int32",
+                 slot_mapping="int32", sinks="float32", k_scale="float32", v_scale="float32")
+    known.update(input_dtypes)
+    known.update({name: dt for name, _, dt in plan.buffers})
+    return tuple(known[n] for n in launch.inputs + launch.outputs)
