@@ -370,6 +370,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON path; the PNG chart goes beside it (nothing is written without it)")
     p.add_argument("--peers", action="store_true", help=f"time {PEER} beside ours (exact-shape rows)")
     p.add_argument("--startup", action="store_true", help="the start-up record (two fresh processes)")
+    p.add_argument("--deadline", type=float, default=0, help="seconds after which the remaining workloads are skipped")
     p.add_argument("--impl", nargs="+", choices=IMPLS, help="default: triton torch on a GPU, xla elsewhere")
     p.add_argument("--startup-child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -403,7 +404,16 @@ def main(argv=None) -> int:
         doc["startup"] = startup_record(gpu)
         print(json.dumps(doc["startup"]), flush=True)
     results = doc["results"] = []
+
+    def save():  # after every workload: a run cut short by a time limit still leaves its rows
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(doc, indent=1) + "\n")
+
     for w in rows:
+        if args.deadline and time.time() - t_start > args.deadline:
+            doc.setdefault("skipped_after_deadline", []).append(w.name)
+            continue
         inp = Inputs(w, gpu)
         for impl in impls + ([PEER] if args.peers and gpu and w.tokens is None else []):
             try:
@@ -420,6 +430,7 @@ def main(argv=None) -> int:
                 results.append(finish({"implementation": impl, **r}, w, ceilings))
                 print(table(results[-1:])[1], flush=True)
         del inp
+        save()
     times = {(r["workload"], r["implementation"]): r["time_us"] for r in results}
     for r in results:  # server rows against their exact twins
         twin = times.get((r["workload"].split("@")[0], r["implementation"]))
@@ -427,9 +438,8 @@ def main(argv=None) -> int:
             r["vs_twin"] = round(r["time_us"] / twin, 3)
     doc["elapsed_s"] = round(time.time() - t_start, 1)
     print("\n" + "\n".join(table(results)))
+    save()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.out}; " + chart(doc, args.out.with_suffix(".png")))
     print(f"done in {doc['elapsed_s']} s")
     return 0

@@ -124,7 +124,7 @@ def test_one_compile_per_model_whatever_the_bucket():
         return sum(len(fn.device_caches[dev][0]) for fn in (kernels.rpa_kernel, kernels.rpa_reduce_kernel))
 
     counts = []
-    for tokens, slots, width, pages in ((16, 8, 16, 40), (70, 8, 16, 40), (300, 32, 40, 200), (64, 64, 9, 90)):
+    for tokens, slots, width, pages in ((32, 8, 16, 40), (70, 8, 16, 40), (300, 32, 40, 200), (64, 64, 9, 90)):
         pairs = [(1, 100), (5, 30), (20, 60)]
         case = fitted(f"bucket_{tokens}", pairs, total_tokens=tokens, max_num_seqs=slots, num_pages=pages,
                       pages_per_seq=width, dtype="bfloat16")

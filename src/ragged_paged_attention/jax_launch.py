@@ -17,6 +17,7 @@ CUDA on a CPU-only machine (``jax.jit(f).trace(...).lower(lowering_platforms=("c
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import zlib
 from importlib import metadata
@@ -87,13 +88,26 @@ def _bytes(field: int, data: bytes | str) -> bytes:
 
 
 def kernel_call_proto(compiled, grid: tuple[int, ...], num_pointers: int, scalars: tuple[int, ...],
-                      num_warps: int, arch: int, name: str) -> bytes:
-    """TritonAnyKernelCall{kernel_call: TritonKernelCall{kernel, grid, parameters}, name}."""
+                      num_warps: int, arch: int, name: str, with_image: bool = True) -> bytes:
+    """TritonAnyKernelCall{kernel_call: TritonKernelCall{kernel, grid, parameters}, name}.
+
+    with_image: send the cubin (TritonKernel.module_image, jaxlib >= 0.11.1) and, in place of the
+    PTX, only its digest. jaxlib keys its loaded modules by (name, PTX, ...) and rebuilds the kernel
+    from this proto on every launch, copying and hashing the PTX each time (hundreds of KB, tens of
+    microseconds of host time per launch); the cubin spares it the PTX altogether. Older jaxlib
+    ignores module_image and assembles the PTX, which it then needs in full.
+    """
     md = compiled.metadata
     kname, shared = md.name, int(md.shared)
-    image = _bytes(1, compiled.asm["cubin"]) + _bytes(2, kname) + _uint(3, shared)
-    kernel = (_bytes(1, kname) + _uint(2, num_warps) + _uint(10, 1) + _uint(3, shared)
-              + _bytes(4, compiled.asm["ptx"]) + _uint(6, arch) + _bytes(11, image))
+    ptx = compiled.asm["ptx"]
+    if with_image:
+        digest = hashlib.sha256(ptx.encode()).hexdigest()
+        image = _bytes(1, compiled.asm["cubin"]) + _bytes(2, kname) + _uint(3, shared)
+        kernel = (_bytes(1, kname) + _uint(2, num_warps) + _uint(10, 1) + _uint(3, shared)
+                  + _bytes(4, f"// {kname} sha256 {digest}") + _uint(6, arch) + _bytes(11, image))
+    else:
+        kernel = (_bytes(1, kname) + _uint(2, num_warps) + _uint(10, 1) + _uint(3, shared)
+                  + _bytes(4, ptx) + _uint(6, arch))
     scratch = int(getattr(md, "global_scratch_size", 0) or 0)
     if scratch:
         kernel += _uint(12, scratch) + _uint(13, int(getattr(md, "global_scratch_align", 1) or 1))
@@ -103,6 +117,12 @@ def kernel_call_proto(compiled, grid: tuple[int, ...], num_pointers: int, scalar
     call = (_bytes(1, kernel) + _uint(2, g[0]) + _uint(3, g[1]) + _uint(4, g[2])
             + b"".join(_bytes(5, p) for p in params))
     return _bytes(1, call) + _bytes(4, name)
+
+
+@functools.lru_cache(maxsize=None)
+def jaxlib_loads_cubins() -> bool:
+    """jaxlib >= 0.11.1 loads TritonKernel.module_image (a cubin) as is."""
+    return (_version("jaxlib") or (0,)) >= (0, 11, 1)
 
 
 # --- running a plan -----------------------------------------------------------------------------
@@ -127,7 +147,8 @@ def _launch(launch, args: list, out_types: list, arch: int) -> list:
     pointer_dtypes = tuple(str(jnp.dtype(x.dtype)) for x in args) + tuple(str(jnp.dtype(t.dtype)) for t in out_types)
     compiled = rpa_triton.compile_launch(launch, pointer_dtypes, arch)
     opaque = zlib.compress(kernel_call_proto(
-        compiled, launch.grid, len(pointer_dtypes), launch.scalars, launch.num_warps, arch, launch.kernel))
+        compiled, launch.grid, len(pointer_dtypes), launch.scalars, launch.num_warps, arch, launch.kernel,
+        with_image=jaxlib_loads_cubins()))
     aliases = {launch.inputs.index(n): i for i, n in enumerate(launch.outputs) if n in launch.inputs}
     call = jax.ffi.ffi_call(TARGET, out_types, input_output_aliases=aliases or None)
     return list(call(*args, name=launch.kernel, opaque=opaque))

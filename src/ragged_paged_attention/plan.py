@@ -31,6 +31,8 @@ UNUSED_IN = "queries"
 # MAX_SPLITS splits per sequence (the split-KV rule of benchmarks/sweep_h100_v1.log).
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 32
+# Shared memory a tile may plan on (bytes): under an A100's 164 KB and an H100's 227 KB per block.
+SMEM_BUDGET = 160 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,9 @@ def attention_plan(
     meta = ("queries", "kv_pages", "context_lens", "block_tables", "query_start_loc", "num_seqs",
             "sinks" if sink_shape else UNUSED_IN, "k_scale" if fp8 else UNUSED_IN, "v_scale" if fp8 else UNUSED_IN)
 
+    kv_bytes = 1 if kv_dtype == "float8_e4m3fn" else (4 if kv_dtype == "float32" else 2)
+    compute_bytes = 4 if compute_dtype == "float32" else 2
+
     def tile(kind: str) -> tuple[int, int, int, int, int]:
         cfg = tuning.lookup(device_kind, kind, d_pad, g, dims.page_size, compute_dtype)
         if kind == "decode":
@@ -115,10 +120,19 @@ def attention_plan(
         block_m = max(16, next_pow2(block_q * g))
         tile_n = cfg.tile_n if num_kv_pages_per_block is None else next_pow2(num_kv_pages_per_block * dims.page_size)
         tile_n = max(16, tile_n)
+        stages = num_stages or cfg.num_stages
         # Keep one tile's registers in reach: rows x keys and rows x head_dim f32 accumulators.
         while block_m * tile_n > 128 * 128 and tile_n > 16:
             tile_n //= 2
-        return (block_q, block_m, tile_n, num_warps or cfg.num_warps, num_stages or cfg.num_stages)
+        # ... and its shared memory: the pipeline keeps stages - 1 K and V tiles in flight, and the
+        # matrix units read q from shared memory too (the estimate matches tools/compile_check.py).
+        def smem(n, st):
+            return (max(st, 2) - 1) * 2 * n * d_pad * kv_bytes + block_m * d_pad * compute_bytes
+        while smem(tile_n, stages) > SMEM_BUDGET and tile_n > 16:
+            tile_n //= 2
+        while smem(tile_n, stages) > SMEM_BUDGET and stages > 1:
+            stages -= 1
+        return (block_q, block_m, tile_n, num_warps or cfg.num_warps, stages)
 
     pq, pm, pn, pw, ps = tile("prefill")
     dq, dm, dn, dw, ds = tile("decode")
@@ -130,7 +144,7 @@ def attention_plan(
         Launch("rpa_kernel", ((dims.total_tokens // pq + dims.max_num_seqs) * dims.num_kv_heads,),
                meta + (UNUSED_IN,), ("out", "unused_part", "unused_ml"), sizes,
                tuple(dict(common, BLOCK_M=pm, BLOCK_Q=pq, TILE_N=pn, DECODE=False).items()), pw, ps),
-        Launch("rpa_kernel", (max(dims.max_num_seqs * dims.num_kv_heads, target),),
+        Launch("rpa_kernel", (target,),
                meta + ("out",), ("out", "part", "ml"), sizes,
                tuple(dict(common, BLOCK_M=dm, BLOCK_Q=dq, TILE_N=dn, DECODE=True).items()), dw, ds),
     ]

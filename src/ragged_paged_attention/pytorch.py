@@ -148,8 +148,6 @@ def ragged_page_attention_v2(
                     ("query_start_loc", query_start_loc), ("softmax_aux", softmax_aux)):
         if t is not None and t.device != dev:
             raise RaggedPagedAttentionError(f"{name} must be on {dev} like queries, got {t.device}")
-    if dims.total_tokens and dims.max_num_seqs:
-        _check_device(dev, cdt, [dtype_name(queries.dtype), dtype_name(kv_pages.dtype)])
     if check_inputs and not torch.compiler.is_compiling():
         check_values(context_lens.cpu().numpy(), block_tables.cpu().numpy(), query_start_loc.cpu().numpy(),
                      int(num_seqs) if not isinstance(num_seqs, torch.Tensor) else num_seqs.cpu().numpy(), dims,
@@ -157,6 +155,8 @@ def ragged_page_attention_v2(
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if isinstance(s, torch.Tensor):
                 check_scale_value(name, float(s.reshape(())))
+    if dims.total_tokens and dims.max_num_seqs:
+        _check_device(dev, cdt, [dtype_name(queries.dtype), dtype_name(kv_pages.dtype)])
     if isinstance(num_seqs, torch.Tensor):
         nseq = num_seqs.to(device=dev, dtype=torch.int32).reshape(1)
     else:

@@ -7,8 +7,8 @@ One kernel, two tile shapes (constexpr DECODE), launched twice per call (plan.py
   qsl[i] // BLOCK_Q + i <= b < the next sequence's start (a bound on array shapes alone). Only
   sequences with more than DEC_Q queries are computed here; every program also zeroes the rows of
   its aligned token chunk that belong to no sequence, so the output needs no memset.
-- decode tiles (DECODE=True), grid (max(max_num_seqs * num_kv_heads, TARGET),): one program per
-  (sequence, KV split, KV head) for the sequences with 1..DEC_Q queries. The split count follows
+- decode tiles (DECODE=True), grid (TARGET,): the programs walk the (sequence, KV split, KV head)
+  work items of the sequences with 1..DEC_Q queries. The split count follows
   num_seqs at run time (flash decoding when few sequences would leave the GPU idle); split
   partials are merged by rpa_reduce_kernel.
 
@@ -293,16 +293,17 @@ def rpa_kernel(
     """Prefill tiles (DECODE=False) or decode tiles (DECODE=True): see the module docstring."""
     G: tl.constexpr = NUM_Q_HEADS // NUM_KV_HEADS
     pid = tl.program_id(0)
-    kvh = pid % NUM_KV_HEADS
     num_seqs = _num_seqs(nseq_ptr, max_num_seqs)
     if DECODE:
-        # program = (sequence, split, KV head), KV head fastest: the heads of one sequence read
-        # the same page rows side by side.
+        # A fixed grid (about TARGET programs, whatever the slot count) walks the work items
+        # (sequence, split, KV head), KV head fastest: the heads of one sequence read the same page
+        # rows side by side, and dead sequence slots are no work item at all.
         n_split = _num_splits(num_seqs, NUM_KV_HEADS, TARGET, MAX_SPLITS)
-        rest = pid // NUM_KV_HEADS
-        split = rest % n_split
-        seq = rest // n_split
-        if seq < num_seqs:
+        for w in range(pid, num_seqs * n_split * NUM_KV_HEADS, tl.num_programs(0)):
+            kvh = w % NUM_KV_HEADS
+            rest = w // NUM_KV_HEADS
+            split = rest % n_split
+            seq = rest // n_split
             q_start, q_end, kv_len = _seq_meta(qsl_ptr, ctx_ptr, seq, total_tokens, pages_per_seq, PAGE_SIZE)
             q_len = q_end - q_start
             if (q_len > 0) & (q_len <= DEC_Q):
@@ -325,6 +326,7 @@ def rpa_kernel(
     else:
         # program = (query-block slot b, KV head); the last slots (the heaviest blocks of a causal
         # sequence, and the dead padding, which exits at once) are launched first.
+        kvh = pid % NUM_KV_HEADS
         b = tl.num_programs(0) // NUM_KV_HEADS - 1 - pid // NUM_KV_HEADS
         first = _clamp(tl.load(qsl_ptr), 0, total_tokens)
         last = _clamp(tl.load(qsl_ptr + num_seqs), first, total_tokens)

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU machine's one script, from the repository root, with $OUT set:
+#
+#   OUT=/some/dir tools/gpu_run.sh STEP[@GPU] ...      e.g.  tests-a@1 tests-b@2 memcheck@3 bench@0
+#
+# Steps given together run at the same time, each on the GPU after its "@" (default 0), each
+# logging to $OUT/<step>.log; a failing step never stops another. Then $OUT/summary.txt holds the
+# machine, the versions and one line per step (exit code, seconds, last line of its log).
+#   tests-a, tests-b  the test suite's GPU backends (jax-triton, torch-cuda, xla on GPU), two halves
+#   tests-bigmem      the > 2^31-element cache tests, alone on their GPU
+#   memcheck-torch, memcheck-jax   compute-sanitizer memcheck over the garbage-metadata and poison tests
+#   autotune          tools/autotune.py --write; the user tuning table is copied to $OUT
+#   compile           tools/compile_check.py (the full set) -> compile.json
+#   bench             benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json (+ .png)
+#   startup           benchmarks/run.py --startup -k none --out $OUT/startup.json
+#   llama             tools/serve_llama3.sh $LLAMA_GPUS (uses GPUs from the one given)
+#   sharded           the sharding tests on every visible GPU
+#   tests-k           the GPU test files, only tests matching \$TEST_K
+# Environment: BENCH_ARGS, PYTEST_ARGS, TEST_K, STEP_TIMEOUT (seconds per step, default 540), LLAMA_GPUS.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder for logs and results}"
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
+    2>&1 | grep -v -e '^WARNING' -e 'pip version' || true
+fi
+export PYTHONPATH=$PWD/.site:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0 \
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+unset TRITON_INTERPRET
+: "${STEP_TIMEOUT:=540}" "${PYTEST_ARGS:=}" "${BENCH_ARGS:=}" "${TEST_K:=}"
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+
+{
+  echo "=== $(date -u +%FT%TZ)  steps: $*"
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
+  python3 -c 'import importlib.metadata as m
+for d in ("jax", "jaxlib", "jax-cuda13-plugin", "triton", "torch", "flash-attn3-jax"):
+    try: print(f"  {d:<18} {m.version(d)}")
+    except m.PackageNotFoundError: print(f"  {d:<18} -")'
+} >"$OUT/summary.txt" 2>&1
+
+GPU_FILES="tests/test_attention.py tests/test_poison.py tests/test_torch.py tests/test_kv_cache.py tests/test_jit.py tests/test_validation.py tests/test_properties.py"
+step_cmd() {  # the command line of one step
+  case $1 in
+    tests-a) echo "python3 -m pytest -q -n 6 -m 'not bigmem' tests/test_attention.py $PYTEST_ARGS" ;;
+    tests-b) echo "python3 -m pytest -q -n 6 -m 'not bigmem' ${GPU_FILES#tests/test_attention.py } $PYTEST_ARGS" ;;
+    tests-bigmem) echo "python3 -m pytest -q -m bigmem tests/test_attention.py" ;;
+    memcheck-torch) echo "JAX_PLATFORMS=cpu PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool memcheck \
+      --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
+      -k 'torch-cuda and (garbage or nan and (mixed_small or window_mid))'" ;;
+    memcheck-jax) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
+      --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
+      -k 'jax-triton and (garbage or nan and (mixed_small or window_mid))'" ;;
+    autotune) echo "python3 tools/autotune.py --write && cp \${RPA_TUNING_DIR:-~/.cache/ragged_paged_attention/tuning}/*.json $OUT/" ;;
+    compile) echo "python3 tools/compile_check.py --jobs 16 --json $OUT/compile.json" ;;
+    bench) echo "python3 benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json" ;;
+    startup) echo "python3 benchmarks/run.py --startup -k none --out $OUT/startup.json" ;;
+    llama) echo "OUT=$OUT tools/serve_llama3.sh ${LLAMA_GPUS:-1}" ;;
+    tests-k) echo "python3 -m pytest -q -n 6 -m 'not bigmem' $GPU_FILES -k '$TEST_K'" ;;
+    sharded) echo "python3 -m pytest -q -o addopts= tests/test_sharding.py" ;;
+    *) return 1 ;;
+  esac
+}
+
+pids=() names=() t0=$SECONDS
+for spec in "$@"; do
+  name=${spec%@*} gpu=0
+  [[ $spec == *@* ]] && gpu=${spec#*@}
+  cmd=$(step_cmd "$name") || { echo "unknown step $name" >>"$OUT/summary.txt"; continue; }
+  [[ $name == sharded || $name == llama ]] || export_gpu="CUDA_VISIBLE_DEVICES=$gpu"
+  [[ $name == sharded || $name == llama ]] && export_gpu=""
+  ( echo "=== $name on GPU $gpu: $cmd"; s=$SECONDS
+    env $export_gpu timeout "$STEP_TIMEOUT" bash -c "$cmd"; rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - s)) s" ) >"$OUT/$name.log" 2>&1 &
+  pids+=($!) names+=("$name")
+done
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}"
+  echo "${names[$i]}: $(tail -n 2 "$OUT/${names[$i]}.log" | tr '\n' ' ' | cut -c1-300)" >>"$OUT/summary.txt"
+done
+echo "=== all steps done after $((SECONDS - t0)) s" >>"$OUT/summary.txt"
+cat "$OUT/summary.txt"
