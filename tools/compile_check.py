@@ -38,6 +38,8 @@ DTYPES = {  # name: (queries, kv_pages, compute)
     "fp8": ("bfloat16", "float8_e4m3fn", "bfloat16"),
 }
 FEATURES = ("softcap", "window", "sinks")
+# The tuning table the plans read: the GPU we ship measured tiles for (tuning_data/).
+DEVICE = "NVIDIA H200"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +90,7 @@ def jobs_for(model: Model) -> list[Job]:
         dims, q_dtype=q_dt, kv_dtype=kv_dt, compute_dtype=compute, softmax_scale=model.head_dim ** -0.5,
         logits_soft_cap=30.0 if "softcap" in model.features else None,
         sliding_window=512 if "window" in model.features else None,
-        sink_shape=(hq,) if "sinks" in model.features else None, num_sms=132, device_kind="NVIDIA H100 80GB HBM3")
+        sink_shape=(hq,) if "sinks" in model.features else None, num_sms=132, device_kind=DEVICE)
     inputs = dict(queries=q_dt, kv_pages=kv_dt)
     out = []
     for launch in plan.launches:
