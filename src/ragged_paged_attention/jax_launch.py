@@ -87,7 +87,7 @@ def _bytes(field: int, data: bytes | str) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(data)) + data
 
 
-def kernel_call_proto(compiled, grid: tuple[int, ...], num_pointers: int, scalars: tuple[int, ...],
+def kernel_call_proto(compiled, grid: tuple[int, ...], pointer_dtypes: tuple[str, ...], scalars: tuple[int, ...],
                       num_warps: int, arch: int, name: str, with_image: bool = True) -> bytes:
     """TritonAnyKernelCall{kernel_call: TritonKernelCall{kernel, grid, parameters}, name}.
 
@@ -112,8 +112,9 @@ def kernel_call_proto(compiled, grid: tuple[int, ...], num_pointers: int, scalar
     if scratch:
         kernel += _uint(12, scratch) + _uint(13, int(getattr(md, "global_scratch_align", 1) or 1))
     g = tuple(grid) + (1,) * (3 - len(grid))
-    array_param = _bytes(1, _uint(2, 16))          # Parameter{array: {ptr_divisibility: 16}}
-    params = [array_param] * num_pointers + [_uint(3, int(s)) for s in scalars]   # Parameter{i32}
+    # Parameter{array: {ptr_divisibility}}: what the kernel was compiled to assume; then Parameter{i32}.
+    params = [_bytes(1, _uint(2, 16) if rpa_triton.assumes_aligned(dt) else b"") for dt in pointer_dtypes]
+    params += [_uint(3, int(s)) for s in scalars]
     call = (_bytes(1, kernel) + _uint(2, g[0]) + _uint(3, g[1]) + _uint(4, g[2])
             + b"".join(_bytes(5, p) for p in params))
     return _bytes(1, call) + _bytes(4, name)
@@ -147,7 +148,7 @@ def _launch(launch, args: list, out_types: list, arch: int) -> list:
     pointer_dtypes = tuple(str(jnp.dtype(x.dtype)) for x in args) + tuple(str(jnp.dtype(t.dtype)) for t in out_types)
     compiled = rpa_triton.compile_launch(launch, pointer_dtypes, arch)
     opaque = zlib.compress(kernel_call_proto(
-        compiled, launch.grid, len(pointer_dtypes), launch.scalars, launch.num_warps, arch, launch.kernel,
+        compiled, launch.grid, pointer_dtypes, launch.scalars, launch.num_warps, arch, launch.kernel,
         with_image=jaxlib_loads_cubins()))
     aliases = {launch.inputs.index(n): i for i, n in enumerate(launch.outputs) if n in launch.inputs}
     call = jax.ffi.ffi_call(TARGET, out_types, input_output_aliases=aliases or None)

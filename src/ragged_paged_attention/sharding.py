@@ -63,6 +63,15 @@ def _check_heads(caller: str, axis_name, n: int, num_q_heads: int | None, num_kv
             "or replicate the KV heads first)")
 
 
+def _implementation(mesh: Mesh, requested: str) -> str:
+    """"auto" by the mesh's devices, not the default backend: a CPU mesh on a GPU host runs pure JAX."""
+    if requested != "auto":
+        return requested
+    dev = mesh.devices.flat[0]
+    cuda = dev.platform == "gpu" and "rocm" not in dev.client.platform_version.lower()
+    return "triton" if cuda else "xla"
+
+
 def _scalar_arg(x):
     # Python numbers become host scalars: jit arguments, so a new value never recompiles.
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
@@ -151,6 +160,7 @@ def sharded_ragged_page_attention_v2(
 
     if "compute_dtype" in options:
         options["compute_dtype"] = jnp.dtype(options["compute_dtype"])
+    options["implementation"] = _implementation(mesh, options.get("implementation", "auto"))
     extras = {k: _scalar_arg(v) for k, v in
               (("softmax_aux", softmax_aux), ("k_scale", k_scale), ("v_scale", v_scale)) if v is not None}
     return _sharded_attention(queries, kv_pages, context_lens, block_tables, query_start_loc,
@@ -208,5 +218,6 @@ def sharded_write_kv_pages(
     if check_inputs and is_concrete(slot_mapping):
         check_write_values(slot_mapping, kv_pages.shape[0] * kv_pages.shape[1])
     extras = {k: _scalar_arg(v) for k, v in (("k_scale", k_scale), ("v_scale", v_scale)) if v is not None}
+    options["implementation"] = _implementation(mesh, options.get("implementation", "auto"))
     return _sharded_write(kv_pages, keys, values, slot_mapping, extras, mesh=mesh, axis_name=axis_name,
                           options=tuple(sorted(options.items())))

@@ -45,6 +45,14 @@ def signature(name: str, consts, pointer_dtypes: tuple[str, ...]) -> dict[str, s
     return sig
 
 
+def assumes_aligned(dtype_name: str) -> bool:
+    """Whether a pointer of this dtype is compiled as 16-byte aligned (vectorised loads). Float data
+    (queries, cache, outputs, scratch) comes from torch or XLA allocations, which are; int32 index
+    arrays may be slices of a larger array inside a jitted step (seen: a server step's metadata),
+    so their kernels make no such assumption. jaxlib checks the claim at every launch."""
+    return not dtype_name.startswith("int")
+
+
 def compile_key(launch, pointer_dtypes: tuple[str, ...], arch: int) -> tuple:
     """What a compiled kernel depends on: never the grid or the run-time sizes."""
     assert len(pointer_dtypes) == len(launch.inputs) + len(launch.outputs), (launch.kernel, pointer_dtypes)
@@ -63,9 +71,7 @@ def _compile(key: tuple):
         raise RuntimeError(f"{name} is a {type(fn).__name__}, not a JITFunction: TRITON_INTERPRET was set when "
                            "ragged_paged_attention.triton.kernels was imported, so it cannot be compiled")
     sig = signature(name, consts, pointer_dtypes)
-    # Both doors pass 16-byte aligned buffers (torch and XLA allocations): Triton's runtime would
-    # specialise them as tt.divisibility=16, so the ahead-of-time compile does too.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, dt in enumerate(pointer_dtypes) if assumes_aligned(dt)}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs(consts), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
