@@ -30,21 +30,14 @@ from .plan import Plan
 
 TARGET = "triton_kernel_call_ffi"
 # (lowest, first unsupported) versions of the GPU path; checked at first use.
-SUPPORTED = {"jax": ((0, 10, 1), (0, 13)), "jaxlib": ((0, 10, 1), (0, 13)), "triton": ((3, 5), (3, 7))}
+SUPPORTED = {"jax": ((0, 10, 1), (0, 13)), "jaxlib": ((0, 10, 1), (0, 13)), "triton": rpa_triton.SUPPORTED_TRITON}
 
 
 def _version(dist: str) -> tuple[int, ...] | None:
     try:
-        raw = metadata.version(dist)
+        return rpa_triton.version_tuple(metadata.version(dist))
     except metadata.PackageNotFoundError:
         return None
-    parts = []
-    for p in raw.split("+")[0].split("."):
-        digits = "".join(ch for ch in p if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
 
 
 @functools.lru_cache(maxsize=None)

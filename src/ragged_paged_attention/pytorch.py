@@ -34,6 +34,7 @@ def _device_info(device: torch.device) -> tuple[int, str | None]:
 
 def _run(plan: Plan, env: dict, device: torch.device):
     """Allocate the plan's buffers and run its launches in order; returns its result."""
+    rpa_triton.check_triton()
     for name, shape, dt in plan.buffers:
         if name not in env:
             env[name] = torch.empty(shape, dtype=getattr(torch, dt), device=device)

@@ -9,9 +9,39 @@ from __future__ import annotations
 
 import functools
 
+# (lowest, first unsupported) Triton release: the kernel ABI jaxlib's launcher and these kernels
+# were tested with (3.6.0 on the GPU; see the README's support table).
+SUPPORTED_TRITON = ((3, 5), (3, 7))
+
 # dtype names (validate.dtype_name) -> Triton pointer element types
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8e4nv",
                 "int32": "i32", "int64": "i64"}
+
+
+def version_tuple(raw: str) -> tuple[int, ...]:
+    parts = []
+    for p in raw.split("+")[0].split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def check_triton() -> None:
+    """Raise a RuntimeError naming the installed Triton when it is outside SUPPORTED_TRITON."""
+    from importlib import metadata
+
+    lo, hi = SUPPORTED_TRITON
+    want = f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}"
+    try:
+        v = version_tuple(metadata.version("triton"))
+    except metadata.PackageNotFoundError:
+        raise RuntimeError(f"the Triton kernels need triton{want}, which is not installed") from None
+    if not lo <= v < hi:
+        raise RuntimeError(f"triton {'.'.join(map(str, v))} is outside the supported range {want} of "
+                           "ragged_paged_attention's kernels (pip install 'triton" + want + "')")
 
 
 def kernel(name: str):
