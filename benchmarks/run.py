@@ -1,4 +1,4 @@
-"""The benchmark suite of BENCHMARKS.md: time per call, TFLOP/s, GB/s and their fractions of the
+"""The benchmark suite (benchmarks/README.md): time per call, TFLOP/s, GB/s and their fractions of the
 copy and matmul ceilings measured in the same run; server-shaped rows against their exact twins;
 flash-attn3-jax beside ours (--peers); the start-up record (--startup). Nothing is written unless
 --out is given. Without a GPU: the shrunk suite through implementation="xla", a smoke test.

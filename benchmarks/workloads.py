@@ -1,4 +1,4 @@
-"""The workloads of BENCHMARKS.md as data: shapes, FLOP and byte counts, and input arrays.
+"""The workloads of benchmarks/README.md as data: shapes, FLOP and byte counts, and input arrays.
 
 Needs NumPy only (no JAX, no torch, no GPU), so tests and tools can import it.
 """
@@ -86,7 +86,7 @@ SUITE = [
     W("prefill_b4_4k_mha_d64", ((4096, 4096),) * 4, num_q_heads=16, num_kv_heads=16, head_dim=64),
     W("decode_b64_ctx4k_sinks", ((1, 4096),) * 64, sinks=True),
 ]
-# (workload, T, S): the rows BENCHMARKS.md asks for, plus the T2048xS256 row its H100 numbers quote.
+# (workload, T, S): the server-shaped rows of benchmarks/README.md.
 SERVER_SHAPES = [("decode_b64_ctx4k", 512, 128), ("decode_b64_ctx4k", 2048, 256), ("decode_b64_ctx4k", 8192, 256),
                  ("decode_b8_ctx4k", 256, 64), ("decode_b8_ctx4k", 2048, 256), ("decode_b8_ctx32k", 2048, 256),
                  ("mixed_4p_60d", 8192, 256), ("chunked_b4_1k_of_8k", 8192, 256)]

@@ -1,4 +1,4 @@
-"""Float64 NumPy oracle for ragged paged attention, written from SPEC.md alone.
+"""Float64 NumPy oracle for ragged paged attention, written from the contract (README, docs/decisions.md) alone.
 
 Deliberately naive: one sequence at a time, every visible key gathered token by token from the
 page table, a plain (not online) softmax in float64. It shares no code with the library.
@@ -21,7 +21,7 @@ def _f64(x) -> np.ndarray:
 def sink_logits_per_head(softmax_aux, num_q_heads: int, num_kv_heads: int) -> np.ndarray | None:
     """[num_q_heads, num_sinks]: the sink logits each query head adds to its softmax denominator.
 
-    Shapes (SPEC.md): [num_q_heads] (one sink per head), [num_sinks] (shared by all heads),
+    Shapes (docs/decisions.md): [num_q_heads] (one sink per head), [num_sinks] (shared by all heads),
     [num_q_heads, num_sinks] or [num_kv_heads, num_sinks] (query head q uses KV head q // G's row).
     A 1-D array of length num_q_heads is read as one sink per head.
     """

@@ -1,5 +1,5 @@
 """Under jax.jit (num_seqs traced, no recompiles on new values), inside shard_map with heads split
-over a mesh, the seed's own examples, and the K/V page helpers."""
+over a mesh, ejkernel's documentation examples, and the K/V page helpers."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def test_shard_map_over_heads(num_q_heads, num_kv_heads, devices, sinks, checked
 
 
 # --------------------------------------------------------------------------------------------
-# The seed's two docstring examples, verbatim but for the import line.
+# ejkernel's two docstring examples, verbatim but for the import line.
 
 SEED_EXAMPLE_1 = """
 import jax.numpy as jnp

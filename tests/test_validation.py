@@ -1,4 +1,4 @@
-"""Bad input (SPEC.md, "Bad input"): RaggedPagedAttentionError naming the argument; value checks on
+"""Bad input (docs/decisions.md): RaggedPagedAttentionError naming the argument; value checks on
 concrete inputs only; garbage past the used pages accepted; the explicit checker; the torch door."""
 
 from __future__ import annotations
