@@ -38,6 +38,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+import backends  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -52,3 +53,21 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def has_cuda() -> bool:
     return HAS_CUDA
+
+
+def _marks(name):
+    if name == "interpret":
+        return [pytest.mark.interpret]
+    if name in ("jax-triton", "torch-cuda"):
+        return [pytest.mark.gpu]
+    return []
+
+
+@pytest.fixture(params=[pytest.param(b, id=b, marks=_marks(b)) for b in backends.ALL])
+def backend(request) -> str:
+    """Each implementation of backends.py that can run here (the others skip)."""
+    reason = backends.unavailable(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+

@@ -16,26 +16,8 @@ from cases import CASE_IDS, CASES, TOLERANCE, Case, build, case_by_name, oracle_
 from oracle import ragged_paged_attention_oracle, relative_error
 
 
-def _marks(name):
-    if name == "interpret":
-        return [pytest.mark.interpret]
-    if name in ("jax-triton", "torch-cuda"):
-        return [pytest.mark.gpu]
-    return []
-
-
 # A row's own relative error may exceed the global budget by this factor (fewer elements average less).
 ROW_FACTOR = 4
-
-BACKEND_PARAMS = [pytest.param(b, id=b, marks=_marks(b)) for b in backends.ALL]
-
-
-@pytest.fixture(params=BACKEND_PARAMS)
-def backend(request) -> str:
-    reason = backends.unavailable(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
 
 
 def _skip_unsupported(backend: str, case: Case):

@@ -16,7 +16,7 @@ import pytest
 import backends
 from cases import INT32_MAX, Case, build, case_by_name, oracle_for, poison
 from oracle import relative_error
-from test_attention import backend, check_result  # noqa: F401  (the backend fixture)
+from test_attention import check_result
 
 POISON_CASES = ["mixed_small", "decode_small", "window_lt_page", "window_mid_small", "sinks_window_softcap",
                 "page_size_1", "zero_length", "decode_window_softcap"]

@@ -15,7 +15,6 @@ import backends
 import ragged_paged_attention as rpa
 from cases import Case, build, poison
 from oracle import relative_error
-from test_attention import backend  # noqa: F401  (the backend fixture)
 
 NAMES = ("queries", "kv_pages", "context_lens", "block_tables", "query_start_loc")
 TOL = 2e-5

@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from . import tuning
-from .plan import attention_plan
+from .plan import plan_for_arrays
 from .reference import ragged_paged_attention_xla, sink_logits
 from .validate import (Dims, RaggedPagedAttentionError, check_scale_value, check_static, check_values,
                        dtype_name, is_concrete)
@@ -169,12 +169,11 @@ def _attention(queries, kv_pages, context_lens, block_tables, query_start_loc, n
         from . import jax_launch
 
         sms, kind, _ = jax_launch.device_info()
-        plan = attention_plan(
-            dims, q_dtype=str(queries.dtype), kv_dtype=str(kv_pages.dtype), compute_dtype=compute_dtype,
-            softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
-            sink_shape=None if softmax_aux is None else tuple(softmax_aux.shape), num_sms=sms, device_kind=kind,
-            num_queries_per_block=num_queries_per_block, num_kv_pages_per_block=num_kv_pages_per_block,
-            num_warps=num_warps, num_stages=num_stages)
+        plan = plan_for_arrays(
+            queries, kv_pages, context_lens, block_tables, softmax_aux, num_sms=sms, device_kind=kind,
+            compute_dtype=compute_dtype, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
+            sliding_window=sliding_window, num_queries_per_block=num_queries_per_block,
+            num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps, num_stages=num_stages)
         arrays = dict(index, queries=queries, kv_pages=kv_pages, sinks=softmax_aux, k_scale=ks, v_scale=vs)
         return jax_launch.run(plan, arrays)
     block_q, pages_per_tile = tuning.xla_blocks(t, dims.max_num_seqs, dims.pages_per_seq, ps,

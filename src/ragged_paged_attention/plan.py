@@ -18,7 +18,7 @@ from typing import Any
 
 from . import tuning
 from .tuning import next_pow2
-from .validate import Dims, sink_layout
+from .validate import Dims, dtype_name, sink_layout
 
 # Buffers the caller provides: the call's arrays (num_seqs as a 1-element int32 array; k_scale /
 # v_scale as 1-element float32 arrays, only with a float8 cache; sinks = softmax_aux as given).
@@ -161,6 +161,18 @@ def attention_plan(
                ("part", part_shape, "float32"), ("ml", ml_shape, "float32"),
                ("unused_part", (1,), "float32"), ("unused_ml", (1,), "float32"))
     return Plan(tuple(launches), buffers, "out")
+
+
+def plan_for_arrays(queries, kv_pages, context_lens, block_tables, sinks, *, num_sms: int,
+                    device_kind: str | None, **options) -> Plan:
+    """attention_plan for the call's arrays (JAX arrays or tracers, torch tensors: shapes and dtype
+    names only); options: attention_plan's keywords from compute_dtype on."""
+    t, h, d = queries.shape
+    p, ps, c, _ = kv_pages.shape
+    dims = Dims(t, h, d, p, ps, c // 2, context_lens.shape[0], block_tables.shape[1])
+    return attention_plan(dims, q_dtype=dtype_name(queries.dtype), kv_dtype=dtype_name(kv_pages.dtype),
+                          sink_shape=None if sinks is None else tuple(sinks.shape), num_sms=num_sms,
+                          device_kind=device_kind, **options)
 
 
 def write_plan(num_tokens: int, num_kv_heads: int, head_dim: int, num_slots: int, kv_dtype: str) -> Plan:

@@ -13,8 +13,8 @@ import math
 import torch
 
 from . import triton as rpa_triton
-from .plan import Plan, attention_plan, write_plan
-from .validate import (Dims, RaggedPagedAttentionError, check_scale_value, check_static, check_values,
+from .plan import Plan, plan_for_arrays, write_plan
+from .validate import (RaggedPagedAttentionError, check_scale_value, check_static, check_values,
                        check_write_static, check_write_values, dtype_name)
 
 INDEX_ARGS = ("context_lens", "block_tables", "query_start_loc")
@@ -73,18 +73,14 @@ def _rpa_op(queries: torch.Tensor, kv_pages: torch.Tensor, context_lens: torch.T
             softmax_scale: float, logits_soft_cap: float | None, sliding_window: int | None, compute_dtype: str,
             num_kv_pages_per_block: int | None, num_queries_per_block: int | None,
             num_warps: int | None, num_stages: int | None) -> torch.Tensor:
-    t, h, d = queries.shape
-    p, ps, c, _ = kv_pages.shape
-    dims = Dims(t, h, d, p, ps, c // 2, context_lens.shape[0], block_tables.shape[1])
-    if dims.total_tokens == 0 or dims.max_num_seqs == 0:
+    if queries.shape[0] == 0 or context_lens.shape[0] == 0:
         return torch.zeros_like(queries)
     sms, kind = _device_info(queries.device)
-    plan = attention_plan(
-        dims, q_dtype=dtype_name(queries.dtype), kv_dtype=dtype_name(kv_pages.dtype), compute_dtype=compute_dtype,
-        softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap, sliding_window=sliding_window,
-        sink_shape=None if sinks is None else tuple(sinks.shape), num_sms=sms, device_kind=kind,
-        num_queries_per_block=num_queries_per_block, num_kv_pages_per_block=num_kv_pages_per_block,
-        num_warps=num_warps, num_stages=num_stages)
+    plan = plan_for_arrays(
+        queries, kv_pages, context_lens, block_tables, sinks, num_sms=sms, device_kind=kind,
+        compute_dtype=compute_dtype, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
+        sliding_window=sliding_window, num_queries_per_block=num_queries_per_block,
+        num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps, num_stages=num_stages)
     env = dict(queries=queries.contiguous(), kv_pages=kv_pages.contiguous(),
                context_lens=context_lens.to(torch.int32).contiguous(),
                block_tables=block_tables.to(torch.int32).contiguous(),
