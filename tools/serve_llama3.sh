@@ -17,7 +17,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then  # the wheels scripts/gpu_run.sh installs, when present
+if compgen -G ".whl/*.whl" >/dev/null; then  # the wheels tools/gpu_run.sh installs, when present
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
     2>&1 | grep -v -e '^WARNING' -e 'pip version' || true
 fi
