@@ -320,3 +320,25 @@ def test_torch_front_door_accepts_garbage_past_used_pages():
     ref = b.oracle()
     err = np.linalg.norm(out.cpu().double().numpy() - ref) / np.linalg.norm(ref)
     assert err <= 2e-5
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("door", ["jax-attention", "jax-write", "torch-write"])
+def test_concrete_array_scales_are_value_checked(door, bad):
+    """k_scale / v_scale given as concrete arrays are checked like Python floats (both doors)."""
+    kv = np.zeros((2, 4, 2, 16), np.float32)
+    if door == "torch-write":
+        torch = pytest.importorskip("torch")
+        from ragged_paged_attention.pytorch import write_kv_pages as torch_write
+
+        call = lambda: torch_write(torch.from_numpy(kv).to(torch.float8_e4m3fn), torch.ones(1, 1, 16),  # noqa: E731
+                                   torch.ones(1, 1, 16), torch.tensor([0], dtype=torch.int32), v_scale=torch.tensor(bad))
+    elif door == "jax-write":
+        call = lambda: rpa.write_kv_pages(jnp.asarray(kv, jnp.float8_e4m3fn), jnp.ones((1, 1, 16)),  # noqa: E731
+                                          jnp.ones((1, 1, 16)), jnp.array([0], jnp.int32), v_scale=jnp.float32(bad))
+    else:
+        call = lambda: rpa.ragged_page_attention_v2(  # noqa: E731
+            jnp.ones((1, 2, 16)), jnp.asarray(kv, jnp.float8_e4m3fn), jnp.array([1], jnp.int32),
+            jnp.array([[0]], jnp.int32), jnp.array([0, 1], jnp.int32), 1, v_scale=jnp.asarray(bad, jnp.float32))
+    with pytest.raises(RaggedPagedAttentionError, match="v_scale must be a positive finite float"):
+        call()

@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 from . import tuning
 from .plan import plan_for_arrays
 from .reference import ragged_paged_attention_xla, sink_logits
-from .validate import (Dims, RaggedPagedAttentionError, check_scale_value, check_static, check_values,
+from .validate import (Dims, RaggedPagedAttentionError, check_concrete_scales, check_static, check_values,
                        dtype_name, is_concrete)
 
 
@@ -38,11 +38,12 @@ def host_scalar(x, dtype):
     return x
 
 
-def check_concrete_scales(**scales) -> None:
-    """Value checks of k_scale / v_scale given as concrete arrays (floats were checked statically)."""
-    for name, s in scales.items():
-        if s is not None and hasattr(s, "shape") and is_concrete(s):
-            check_scale_value(name, float(np.asarray(s).reshape(())))
+def fp8_scales(kv_pages, k_scale, v_scale):
+    """(k_scale, v_scale) as 1-element float32 arrays (inside a jit), default 1.0; (None, None)
+    unless the cache is float8_e4m3fn."""
+    if kv_pages.dtype != jnp.float8_e4m3fn:
+        return None, None
+    return tuple(jnp.asarray(1.0 if s is None else s, jnp.float32).reshape(1) for s in (k_scale, v_scale))
 
 
 def ragged_page_attention_v2(
@@ -159,9 +160,7 @@ def _attention(queries, kv_pages, context_lens, block_tables, query_start_loc, n
     t, h, d = queries.shape
     p, ps, c, _ = kv_pages.shape
     dims = Dims(t, h, d, p, ps, c // 2, context_lens.shape[0], block_tables.shape[1])
-    fp8 = kv_pages.dtype == jnp.float8_e4m3fn
-    ks = jnp.asarray(1.0 if k_scale is None else k_scale, jnp.float32).reshape(1) if fp8 else None
-    vs = jnp.asarray(1.0 if v_scale is None else v_scale, jnp.float32).reshape(1) if fp8 else None
+    ks, vs = fp8_scales(kv_pages, k_scale, v_scale)
     index = dict(context_lens=context_lens.astype(jnp.int32), block_tables=block_tables.astype(jnp.int32),
                  query_start_loc=query_start_loc.astype(jnp.int32),
                  num_seqs=jnp.asarray(num_seqs, jnp.int32).reshape(1))

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import os
 import zlib
-from importlib import metadata
 
 import jax
 import jax.numpy as jnp
@@ -33,24 +32,10 @@ TARGET = "triton_kernel_call_ffi"
 SUPPORTED = {"jax": ((0, 10, 1), (0, 13)), "jaxlib": ((0, 10, 1), (0, 13)), "triton": rpa_triton.SUPPORTED_TRITON}
 
 
-def _version(dist: str) -> tuple[int, ...] | None:
-    try:
-        return rpa_triton.version_tuple(metadata.version(dist))
-    except metadata.PackageNotFoundError:
-        return None
-
-
 @functools.lru_cache(maxsize=None)
 def check_versions() -> None:
     """Raise a RuntimeError naming what is installed and what the Triton GPU path needs."""
-    problems = []
-    for dist, (lo, hi) in SUPPORTED.items():
-        v = _version(dist)
-        want = f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}"
-        if v is None:
-            problems.append(f"{dist} is not installed (need {want})")
-        elif not lo <= v < hi:
-            problems.append(f"{dist} {'.'.join(map(str, v))} is outside the supported range {want}")
+    problems = [p for dist, (lo, hi) in SUPPORTED.items() if (p := rpa_triton.version_problem(dist, lo, hi))]
     if problems:
         raise RuntimeError(
             "The Triton GPU path of ragged_paged_attention cannot run: " + "; ".join(problems)
@@ -94,13 +79,11 @@ def kernel_call_proto(compiled, grid: tuple[int, ...], pointer_dtypes: tuple[str
     kname, shared = md.name, int(md.shared)
     ptx = compiled.asm["ptx"]
     if with_image:
-        digest = hashlib.sha256(ptx.encode()).hexdigest()
-        image = _bytes(1, compiled.asm["cubin"]) + _bytes(2, kname) + _uint(3, shared)
-        kernel = (_bytes(1, kname) + _uint(2, num_warps) + _uint(10, 1) + _uint(3, shared)
-                  + _bytes(4, f"// {kname} sha256 {digest}") + _uint(6, arch) + _bytes(11, image))
-    else:
-        kernel = (_bytes(1, kname) + _uint(2, num_warps) + _uint(10, 1) + _uint(3, shared)
-                  + _bytes(4, ptx) + _uint(6, arch))
+        ptx = f"// {kname} sha256 {hashlib.sha256(ptx.encode()).hexdigest()}"
+    kernel = (_bytes(1, kname) + _uint(2, num_warps) + _uint(10, 1) + _uint(3, shared) + _bytes(4, ptx)
+              + _uint(6, arch))
+    if with_image:
+        kernel += _bytes(11, _bytes(1, compiled.asm["cubin"]) + _bytes(2, kname) + _uint(3, shared))
     scratch = int(getattr(md, "global_scratch_size", 0) or 0)
     if scratch:
         kernel += _uint(12, scratch) + _uint(13, int(getattr(md, "global_scratch_align", 1) or 1))
@@ -116,7 +99,7 @@ def kernel_call_proto(compiled, grid: tuple[int, ...], pointer_dtypes: tuple[str
 @functools.lru_cache(maxsize=None)
 def jaxlib_loads_cubins() -> bool:
     """jaxlib >= 0.11.1 loads TritonKernel.module_image (a cubin) as is."""
-    return (_version("jaxlib") or (0,)) >= (0, 11, 1)
+    return rpa_triton.version_problem("jaxlib", (0, 11, 1), (1 << 30,)) is None
 
 
 # --- running a plan -----------------------------------------------------------------------------

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .api import check_concrete_scales, host_scalar, use_triton
+from .api import fp8_scales, host_scalar, use_triton
 from .plan import write_plan
-from .validate import FP8_E4M3_MAX, RaggedPagedAttentionError, check_write_static, check_write_values, is_concrete
+from .validate import (FP8_E4M3_MAX, RaggedPagedAttentionError, check_concrete_scales, check_write_static,
+                       check_write_values, is_concrete)
 
 
 def combine_kv_pages(
@@ -110,15 +111,13 @@ def write_kv_pages(
 
 @functools.partial(jax.jit, static_argnames=("triton",))
 def _write(kv_pages, keys, values, slot_mapping, k_scale, v_scale, *, triton: bool):
-    fp8 = kv_pages.dtype == jnp.float8_e4m3fn
-    ks = jnp.asarray(1.0 if k_scale is None else k_scale, jnp.float32).reshape(1)
-    vs = jnp.asarray(1.0 if v_scale is None else v_scale, jnp.float32).reshape(1)
+    ks, vs = fp8_scales(kv_pages, k_scale, v_scale)
     slots = slot_mapping.astype(jnp.int32)
     if not triton:
-        return _write_xla(kv_pages, keys, values, slots, jnp.concatenate([ks, vs]) if fp8 else None)
+        return _write_xla(kv_pages, keys, values, slots, None if ks is None else jnp.concatenate([ks, vs]))
     from . import jax_launch
 
     num_pages, page_size, num_combined, head_dim = kv_pages.shape
     plan = write_plan(keys.shape[0], num_combined // 2, head_dim, num_pages * page_size, str(kv_pages.dtype))
     return jax_launch.run(plan, dict(kv_pages=kv_pages, keys=keys, values=values, slot_mapping=slots,
-                                     k_scale=ks if fp8 else None, v_scale=vs if fp8 else None))
+                                     k_scale=ks, v_scale=vs))

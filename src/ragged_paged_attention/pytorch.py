@@ -14,7 +14,7 @@ import torch
 
 from . import triton as rpa_triton
 from .plan import Plan, plan_for_arrays, write_plan
-from .validate import (RaggedPagedAttentionError, check_scale_value, check_static, check_values,
+from .validate import (RaggedPagedAttentionError, check_concrete_scales, check_static, check_values,
                        check_write_static, check_write_values, dtype_name)
 
 INDEX_ARGS = ("context_lens", "block_tables", "query_start_loc")
@@ -149,9 +149,7 @@ def ragged_page_attention_v2(
         check_values(context_lens.cpu().numpy(), block_tables.cpu().numpy(), query_start_loc.cpu().numpy(),
                      int(num_seqs) if not isinstance(num_seqs, torch.Tensor) else num_seqs.cpu().numpy(), dims,
                      sliding_window=sliding_window)
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if isinstance(s, torch.Tensor):
-                check_scale_value(name, float(s.reshape(())))
+        check_concrete_scales(k_scale=k_scale, v_scale=v_scale)
     if dims.total_tokens and dims.max_num_seqs:
         _check_device(dev, cdt, [dtype_name(queries.dtype), dtype_name(kv_pages.dtype)])
     if isinstance(num_seqs, torch.Tensor):
@@ -216,9 +214,7 @@ def write_kv_pages(
             f"kv_pages must be contiguous to be written in place, got strides {kv_pages.stride()}")
     if check_inputs and not torch.compiler.is_compiling():
         check_write_values(slot_mapping.cpu().numpy(), kv_pages.shape[0] * kv_pages.shape[1])
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if isinstance(s, torch.Tensor):
-                check_scale_value(name, float(s.reshape(())))
+        check_concrete_scales(k_scale=k_scale, v_scale=v_scale)
     if keys.shape[0] == 0:
         return kv_pages
     # The writer only converts: on CPU it needs the interpreter, whose arithmetic it does not use.

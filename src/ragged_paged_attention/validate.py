@@ -249,6 +249,14 @@ def check_kv_scales(kv_dtype, k_scale, v_scale) -> None:
                   f"with shape {_shape(s)}")
 
 
+def check_concrete_scales(**scales) -> None:
+    """Value checks of k_scale / v_scale given as concrete arrays or tensors (floats are checked by
+    check_kv_scales); JAX tracers cannot be read and are skipped."""
+    for name, s in scales.items():
+        if s is not None and hasattr(s, "shape") and is_concrete(s):
+            check_scale_value(name, float(s.reshape(())))
+
+
 def check_scale_value(name: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         _fail(f"{name} must be a positive finite float, got {value}")

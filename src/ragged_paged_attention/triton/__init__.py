@@ -28,20 +28,26 @@ def version_tuple(raw: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def version_problem(dist: str, lo: tuple[int, ...], hi: tuple[int, ...]) -> str | None:
+    """Why the installed `dist` is not in [lo, hi) (None when it is)."""
+    from importlib import metadata
+
+    want = f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}"
+    try:
+        v = version_tuple(metadata.version(dist))
+    except metadata.PackageNotFoundError:
+        return f"{dist} is not installed (need {want})"
+    if not lo <= v < hi:
+        return f"{dist} {'.'.join(map(str, v))} is outside the supported range {want}"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def check_triton() -> None:
     """Raise a RuntimeError naming the installed Triton when it is outside SUPPORTED_TRITON."""
-    from importlib import metadata
-
-    lo, hi = SUPPORTED_TRITON
-    want = f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}"
-    try:
-        v = version_tuple(metadata.version("triton"))
-    except metadata.PackageNotFoundError:
-        raise RuntimeError(f"the Triton kernels need triton{want}, which is not installed") from None
-    if not lo <= v < hi:
-        raise RuntimeError(f"triton {'.'.join(map(str, v))} is outside the supported range {want} of "
-                           "ragged_paged_attention's kernels (pip install 'triton" + want + "')")
+    problem = version_problem("triton", *SUPPORTED_TRITON)
+    if problem:
+        raise RuntimeError(f"ragged_paged_attention's Triton kernels cannot run: {problem}")
 
 
 def kernel(name: str):
