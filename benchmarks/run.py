@@ -41,7 +41,7 @@ L2_BYTES = 50 << 20  # H100 / H200 L2: kv sets rotate so that no call finds its 
 CHECK_TOL = 2e-2     # bf16 compute vs the float32-compute xla path
 ARGS = ("queries", "kv_pages", "context_lens", "block_tables", "query_start_loc", "num_seqs", "softmax_aux")
 BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
-IMPLS = ("triton", "torch", "xla")
+IMPLS = ("triton", "mosaic", "torch", "xla")
 PEER = "flash-attn3-jax"
 
 
@@ -217,8 +217,9 @@ def fa3_rows(w) -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([i * sq + sq - qlen[i] + np.arange(qlen[i]) for i in range(n)]))
 
 
-def bench_fa3(w, inp: Inputs, run, mine: dict) -> list[dict]:
-    """flash-attn3-jax at page sizes 16 and 128 on our inputs; `mine`: our JAX row of the workload."""
+def bench_fa3(w, inp: Inputs, run, mine: dict, mosaic: dict | None = None) -> list[dict]:
+    """flash-attn3-jax at page sizes 16 and 128 on our inputs; `mine`: our default JAX row of the
+    workload (Triton), `mosaic`: its Mosaic GPU prefill row, when that ran."""
     try:
         from flash_attn3_jax import flash_mha_with_kvcache
     except ImportError as e:
@@ -251,6 +252,8 @@ def bench_fa3(w, inp: Inputs, run, mine: dict) -> list[dict]:
                 best = best or {"error": err(ex)}
         if best.get("time_us") and mine.get("time_us"):
             best["our_over_peer"] = round(mine["time_us"] / best["time_us"], 3)
+        if best.get("time_us") and (mosaic or {}).get("time_us"):
+            best["mosaic_over_peer"] = round(mosaic["time_us"] / best["time_us"], 3)
         rows.append(dict(best, implementation=f"{PEER} p{page}", timing=f"one padded call, {len(calls)} in one jit"))
         del caches, calls
     return rows
@@ -356,6 +359,7 @@ def table(rows: list[dict]) -> list[str]:
     for r in rows:
         note = " ".join([r.get("error") or r.get("note") or ""] + [
             f"{label} {r[k]:.3g}" for k, label in (("vs_twin", "x twin"), ("our_over_peer", "ours/peer"),
+                                                   ("mosaic_over_peer", "mosaic/peer"),
                                                    ("check_rel_err", "err")) if r.get(k) is not None])
         lines.append(f"{r['workload']:<30} {r['implementation']:<20} {f(r['time_us'], '9.1f')} "
                      f"{f(r.get('tflops'), '8.2f')} {f(r.get('gbps'), '6.0f')} {f(r.get('bw_fraction'), '5.1f', 100)} "
@@ -366,12 +370,14 @@ def table(rows: list[dict]) -> list[str]:
 def parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions, shorter timing windows")
-    p.add_argument("-k", default="", metavar="SUBSTR", help="only workloads whose name contains SUBSTR")
+    p.add_argument("-k", default="", metavar="SUBSTR", help="only workloads whose name contains SUBSTR "
+                   "(several: SUBSTR|SUBSTR|...)")
     p.add_argument("--out", type=Path, help="JSON path; the PNG chart goes beside it (nothing is written without it)")
     p.add_argument("--peers", action="store_true", help=f"time {PEER} beside ours (exact-shape rows)")
     p.add_argument("--startup", action="store_true", help="the start-up record (two fresh processes)")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which the remaining workloads are skipped")
-    p.add_argument("--impl", nargs="+", choices=IMPLS, help="default: triton torch on a GPU, xla elsewhere")
+    p.add_argument("--impl", nargs="+", choices=IMPLS, help="default: triton mosaic torch on a GPU, xla elsewhere "
+                   "(triton: the JAX door's default; mosaic: its Pallas Mosaic GPU prefill)")
     p.add_argument("--startup-child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -382,8 +388,8 @@ def main(argv=None) -> int:
     if args.startup_child:
         return startup_child(args.startup_child)
     gpu = jax.default_backend() == "gpu"
-    impls = args.impl or (["triton", "torch"] if gpu else ["xla"])
-    rows = [w for w in wl.suite() if args.k in w.name]
+    impls = args.impl or (["triton", "mosaic", "torch"] if gpu else ["xla"])
+    rows = [w for w in wl.suite() if any(k in w.name for k in args.k.split("|"))]
     if not rows:
         print(f"no workload name contains {args.k!r}: {[w.name for w in wl.suite()]}", file=sys.stderr)
         return 2
@@ -420,10 +426,12 @@ def main(argv=None) -> int:
                 if impl != "xla" and not gpu:
                     got = [{"note": "skipped: needs an NVIDIA GPU"}]
                 elif impl == PEER:
-                    got = bench_fa3(w, inp, run, next((r for r in results if r["workload"] == w.name
-                                                       and r["implementation"] == "triton"), {}))
+                    mine = {r["implementation"]: r for r in results if r["workload"] == w.name}
+                    got = bench_fa3(w, inp, run, mine.get("triton") or {}, mine.get("mosaic"))
                 else:
                     got = [bench_torch(w, inp, run) if impl == "torch" else bench_jax(w, impl, inp, run)]
+            except rpa.RaggedPagedAttentionError as e:  # implementation="mosaic" on a call it cannot serve
+                got = [{"note": f"n/a: {e}"}]
             except Exception as e:
                 got = [{"error": err(e)}]
             for r in got:

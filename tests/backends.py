@@ -3,6 +3,8 @@
 - "xla":        ragged_page_attention_v2(..., implementation="xla") on jnp arrays (any JAX backend)
 - "interpret":  the PyTorch front door on CPU tensors under TRITON_INTERPRET=1 (no CUDA only)
 - "jax-triton": ragged_page_attention_v2(..., implementation="triton") on jnp arrays (JAX on GPU)
+- "jax-mosaic": ragged_page_attention_v2(..., implementation="mosaic") on jnp arrays (JAX on a
+                Hopper GPU: the Pallas Mosaic GPU prefill; calls it cannot serve are skipped)
 - "torch-cuda": the PyTorch front door on CUDA tensors
 
 Each adapter converts a cases.Batch to its arrays, calls, checks the inputs came back unchanged and
@@ -18,7 +20,7 @@ import numpy as np
 
 from cases import CPU_DTYPE_MATRIX, Batch, Case
 
-ALL = ("xla", "interpret", "jax-triton", "torch-cuda")
+ALL = ("xla", "interpret", "jax-triton", "jax-mosaic", "torch-cuda")
 
 
 def torch_cuda() -> bool:
@@ -55,6 +57,13 @@ def unavailable(name: str) -> str | None:
         return None
     if name == "jax-triton":
         return None if jax_gpu() else "JAX has no GPU backend"
+    if name == "jax-mosaic":
+        if not jax_gpu():
+            return "JAX has no GPU backend"
+        from ragged_paged_attention import jax_launch
+
+        _, _, arch = jax_launch.device_info()
+        return None if arch == 90 else f"the Mosaic GPU prefill needs sm_90, this GPU is sm_{arch}"
     if name == "torch-cuda":
         return None if torch_cuda() else "torch has no CUDA device"
     raise KeyError(name)
@@ -90,9 +99,35 @@ def run(name: str, batch: Batch, compute_dtype: str | None = "case", index_dtype
                                               ("context_lens", "block_tables", "query_start_loc")})
     if name in ("xla", "jax-triton"):
         return _run_jax(batch, compute_dtype, "xla" if name == "xla" else "triton", kwargs)
+    if name == "jax-mosaic":
+        reason = mosaic_unsupported(batch, kwargs.get("compute_dtype", compute_dtype))
+        if reason:
+            import pytest
+
+            pytest.skip(reason)
+        return _run_jax(batch, compute_dtype, "mosaic", kwargs)
     if name in ("interpret", "torch-cuda"):
         return _run_torch(batch, compute_dtype, "cpu" if name == "interpret" else "cuda", kwargs)
     raise KeyError(name)
+
+
+def native_dtype(name: str) -> str:
+    """The dtype the poison and edge-case tests build their batches in for backend `name`: the
+    Mosaic GPU prefill runs bfloat16/float16 only, the rest float32 (exact enough to see leaks)."""
+    return "bfloat16" if name == "jax-mosaic" else "float32"
+
+
+def mosaic_unsupported(batch: Batch, compute_dtype) -> str | None:
+    """Why implementation="mosaic" cannot serve this batch (None when it can)."""
+    from ragged_paged_attention import jax_launch, mosaic_prefill
+    from ragged_paged_attention.validate import dtype_name
+
+    case = batch.case
+    _, _, arch = jax_launch.device_info()
+    return mosaic_prefill.unsupported(
+        arch=arch, q_dtype=dtype_name(batch.queries.dtype), kv_dtype=dtype_name(batch.kv_pages.dtype),
+        compute_dtype=dtype_name(compute_dtype or "bfloat16"), head_dim=case.head_dim,
+        group=case.num_q_heads // case.num_kv_heads, page_size=case.page_size)
 
 
 def _run_jax(batch: Batch, compute_dtype, implementation: str, kwargs) -> Result:

@@ -58,7 +58,7 @@ def has_cuda() -> bool:
 def _marks(name):
     if name == "interpret":
         return [pytest.mark.interpret]
-    if name in ("jax-triton", "torch-cuda"):
+    if name in ("jax-triton", "jax-mosaic", "torch-cuda"):
         return [pytest.mark.gpu]
     return []
 

@@ -42,6 +42,24 @@ def lower(tokens: int, slots: int, width: int) -> str:
     return jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def lower_mosaic() -> dict | str:
+    """A whole implementation="mosaic" call (Mosaic GPU prefill, Triton decode and merge), where
+    this JAX is one the Mosaic kernel was run with on a GPU."""
+    from ragged_paged_attention import mosaic_prefill
+
+    lo, hi = mosaic_prefill.TESTED_JAX
+    if not lo <= mosaic_prefill._jax_version() < hi:
+        return f"skipped: jax {jax.__version__} is outside {lo} <= v < {hi}"
+
+    def call(q, kv, ctx, bt, qsl, n):
+        return rpa.ragged_page_attention_v2(q, kv, ctx, bt, qsl, n, implementation="mosaic", check_inputs=False)
+    s = jax.ShapeDtypeStruct
+    args = (s((2048, HEADS, HEAD_DIM), jnp.bfloat16), s((PAGES, PAGE, 2 * KV_HEADS, HEAD_DIM), jnp.bfloat16),
+            s((64,), jnp.int32), s((64, 256), jnp.int32), s((65,), jnp.int32), s((), jnp.int32))
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return dict(triton_calls=text.count("triton_kernel_call_ffi"), mosaic_calls=text.count("custom_call @mosaic_gpu"))
+
+
 def main() -> int:
     report = {"buckets": []}
     t0 = time.perf_counter()
@@ -59,6 +77,7 @@ def main() -> int:
                          for name in ("rpa_kernel", "rpa_reduce_kernel", "write_kv_kernel")}
     report["do_not_specialize"] = {name: list(rpa_triton.kernel(name).do_not_specialize) for name in report["scalars"]}
     report["jax"] = jax.__version__
+    report["mosaic"] = lower_mosaic()
     json.dump(report, sys.stdout)
     return 0
 

@@ -130,7 +130,7 @@ def test_rows_of_no_sequence_are_written_as_zeros(backend, knobs, monkeypatch):
     The Triton kernels write every output row themselves (no memset before the launch): the
     PyTorch front door's output buffer is poisoned with NaN here to prove it.
     """
-    case = case_by_name("mixed_small", "float32")
+    case = case_by_name("mixed_small", backends.native_dtype(backend))
     _skip_unsupported(backend, case)
     batch = build(case)
     shift = 2  # sequences start at row 2: rows 0, 1 and the last extra_tokens - 2 rows are nobody's
@@ -150,7 +150,7 @@ def test_rows_of_no_sequence_are_written_as_zeros(backend, knobs, monkeypatch):
 
 def test_fewer_live_sequences_than_filled(backend):
     """num_seqs below the number of filled slots: the later (valid-looking) sequences are ignored."""
-    case = case_by_name("zero_length", "float32")
+    case = case_by_name("zero_length", backends.native_dtype(backend))
     _skip_unsupported(backend, case)
     batch = build(case)
     batch.num_seqs = 3

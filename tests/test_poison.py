@@ -31,7 +31,7 @@ def _skip(backend_name: str, case: Case):
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name", POISON_CASES)
 def test_poisoned_pages_and_padding_never_leak(backend, name, value):
-    case = case_by_name(name, "float32")
+    case = case_by_name(name, backends.native_dtype(backend))
     _skip(backend, case)
     batch = build(case)
     ref = oracle_for(case)
@@ -41,7 +41,7 @@ def test_poisoned_pages_and_padding_never_leak(backend, name, value):
 
 def test_poison_reaches_what_it_should(backend):
     """The poisoning has teeth: a batch whose table points a live sequence at a poisoned page is NaN."""
-    case = case_by_name("mixed_small", "float32")
+    case = case_by_name("mixed_small", backends.native_dtype(backend))
     _skip(backend, case)
     batch = poison(build(case))
     bad_page = int(np.flatnonzero(np.isnan(batch.kv_pages.reshape(batch.kv_pages.shape[0], -1)).all(1))[0])
@@ -55,7 +55,8 @@ def test_poison_reaches_what_it_should(backend):
 @pytest.mark.parametrize("sinks", ["all_minus_inf", "some_minus_inf"])
 def test_minus_inf_sinks(backend, sinks):
     """A head without a sink (-inf) adds exp(-inf) = 0, even when a row's first tile is fully masked."""
-    case = Case("inf_sinks", ((1, 60), (9, 40), (30, 64)), sinks="q_heads", sliding_window=8)
+    case = Case("inf_sinks", ((1, 60), (9, 40), (30, 64)), sinks="q_heads", sliding_window=8,
+                dtype=backends.native_dtype(backend))
     _skip(backend, case)
     batch = build(case)
     aux = batch.softmax_aux.copy()
@@ -68,7 +69,8 @@ def test_minus_inf_sinks(backend, sinks):
 @pytest.mark.parametrize("cap", [1e-3, 0.5, 1e3, 1e6])
 def test_extreme_soft_caps(backend, cap):
     """tanh near 0 must not cancel (1 - 2 / (exp(2y) + 1) lost 2e-2 of accuracy at cap 1e6)."""
-    case = Case(f"cap_{cap}", ((1, 70), (5, 18), (12, 45)), soft_cap=cap, data_scale=2.0)
+    case = Case(f"cap_{cap}", ((1, 70), (5, 18), (12, 45)), soft_cap=cap, data_scale=2.0,
+                dtype=backends.native_dtype(backend))
     _skip(backend, case)
     batch = build(case)
     check_result(backends.run(backend, batch), batch, batch.oracle(), case.tolerance)
@@ -76,14 +78,15 @@ def test_extreme_soft_caps(backend, cap):
 
 @pytest.mark.parametrize("scale", [1e-3, 30.0], ids=["tiny_logits", "huge_logits"])
 def test_tiny_and_huge_logits(backend, scale):
-    case = Case(f"logits_{scale}", ((1, 70), (5, 18), (12, 45)), data_scale=scale)
+    case = Case(f"logits_{scale}", ((1, 70), (5, 18), (12, 45)), data_scale=scale,
+                dtype=backends.native_dtype(backend))
     _skip(backend, case)
     batch = build(case)
     check_result(backends.run(backend, batch), batch, batch.oracle(), case.tolerance)
 
 
 def test_nan_query_row_gives_nan_in_that_row_only(backend):
-    case = case_by_name("mixed_small", "float32")
+    case = case_by_name("mixed_small", backends.native_dtype(backend))
     _skip(backend, case)
     batch = build(case)
     q = batch.queries.copy()
@@ -139,7 +142,7 @@ def _garbage(batch, kind: str):
 def test_garbage_metadata_stays_in_bounds(backend, kind):
     """No crash, no stray access (the GPU record runs this under compute-sanitizer), and the
     sequences with valid metadata keep their results."""
-    case = case_by_name("mixed_small", "float32")
+    case = case_by_name("mixed_small", backends.native_dtype(backend))
     _skip(backend, case)
     batch = build(case)
     ref = oracle_for(case)

@@ -6,7 +6,7 @@
 # Steps given together run at the same time, each on the GPU after its "@" (default 0), each
 # logging to $OUT/<step>.log; a failing step never stops another. Then $OUT/summary.txt holds the
 # machine, the versions and one line per step (exit code, seconds, last line of its log).
-#   tests-a, tests-b  the test suite's GPU backends (jax-triton, torch-cuda, xla on GPU), two halves
+#   tests-a, tests-b  the test suite's GPU backends (jax-triton, jax-mosaic, torch-cuda, xla on GPU), two halves
 #   tests-bigmem      the > 2^31-element cache tests, alone on their GPU
 #   memcheck-torch, memcheck-jax   compute-sanitizer memcheck over the garbage-metadata and poison tests
 #   autotune          tools/autotune.py --write; the user tuning table is copied to $OUT
@@ -52,13 +52,13 @@ step_cmd() {  # the command line of one step
       -k 'torch-cuda and (garbage or nan and (mixed_small or window_mid))'" ;;
     memcheck-jax) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
       --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
-      -k 'jax-triton and (garbage or nan and (mixed_small or window_mid))'" ;;
+      -k '(jax-triton or jax-mosaic) and (garbage or nan and (mixed_small or window_mid))'" ;;
     autotune) echo "python3 tools/autotune.py --write && cp \${RPA_TUNING_DIR:-~/.cache/ragged_paged_attention/tuning}/*.json $OUT/" ;;
     compile) echo "python3 tools/compile_check.py --jobs 16 --json $OUT/compile.json" ;;
     bench) echo "python3 benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json" ;;
     startup) echo "python3 benchmarks/run.py --startup -k none --out $OUT/startup.json" ;;
     llama) echo "OUT=$OUT tools/serve_llama3.sh ${LLAMA_GPUS:-1}" ;;
-    tests-k) echo "python3 -m pytest -q -n 6 -m 'not bigmem' $GPU_FILES -k '$TEST_K'" ;;
+    tests-k) echo "python3 -m pytest -q -n 6 -m 'not bigmem' $GPU_FILES -k '$TEST_K' $PYTEST_ARGS" ;;
     sharded) echo "python3 -m pytest -q -o addopts= tests/test_sharding.py" ;;
     *) return 1 ;;
   esac

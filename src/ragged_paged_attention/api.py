@@ -19,16 +19,38 @@ from .validate import (Dims, RaggedPagedAttentionError, check_concrete_scales, c
                        dtype_name, is_concrete)
 
 
+IMPLEMENTATIONS = ("auto", "triton", "mosaic", "xla")
+
+
 def use_triton(implementation: str) -> bool:
+    """Whether a call takes the GPU kernels (Triton; the Mosaic GPU prefill with "mosaic")."""
     if implementation == "xla":
         return False
-    if implementation == "triton":
+    if implementation in ("triton", "mosaic"):
         return True
     if implementation != "auto":
-        raise RaggedPagedAttentionError(f"implementation must be 'auto', 'triton' or 'xla', got {implementation!r}")
+        raise RaggedPagedAttentionError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if jax.default_backend() != "gpu":
         return False
     return "rocm" not in jax.devices()[0].client.platform_version.lower()
+
+
+def prefill_kernel(implementation: str, dims: Dims, q_dtype: str, kv_dtype: str, compute_dtype: str,
+                   arch: int) -> str:
+    """'mosaic' (the Pallas Mosaic GPU prefill, mosaic_prefill.py) or 'triton' for the prefill tiles
+    of a GPU call. Only implementation="mosaic" takes Mosaic (an error says why when it cannot serve
+    the call); "auto" and "triton" run the Triton prefill tiles: the Mosaic kernel is faster on
+    prefill but compiles once per bucket shape and costs a decode-only step of a large bucket up to
+    1.6x (benchmarks/NOTES.md v4, docs/decisions.md)."""
+    if implementation != "mosaic":
+        return "triton"
+    from . import mosaic_prefill
+
+    why = mosaic_prefill.unsupported(arch=arch, q_dtype=q_dtype, kv_dtype=kv_dtype, compute_dtype=compute_dtype,
+                                     head_dim=dims.head_dim, group=dims.group_size, page_size=dims.page_size)
+    if why is not None:
+        raise RaggedPagedAttentionError(f"implementation='mosaic' cannot serve this call: {why}")
+    return "mosaic"
 
 
 def host_scalar(x, dtype):
@@ -68,7 +90,7 @@ def ragged_page_attention_v2(
     num_stages: int | None = None,
     k_scale: float | Float[Array, ""] | None = None,
     v_scale: float | Float[Array, ""] | None = None,
-    implementation: Literal["auto", "triton", "xla"] = "auto",
+    implementation: Literal["auto", "triton", "mosaic", "xla"] = "auto",
     check_inputs: bool = True,
 ) -> Float[Array, "total_tokens num_q_heads head_dim"]:
     """Attention of a ragged batch of query chunks over a paged, interleaved KV cache.
@@ -106,7 +128,10 @@ def ragged_page_attention_v2(
       vmem_limit_bytes: TPU-only; raises NotImplementedError.
       num_warps, num_stages: Triton launch parameters (ignored by the pure-JAX path).
       k_scale, v_scale: per-tensor dequantisation scales of a float8_e4m3fn cache (default 1).
-      implementation: "auto" (Triton on NVIDIA GPUs, pure JAX elsewhere), "triton" or "xla".
+      implementation: "auto" (the Triton kernels on NVIDIA GPUs, pure JAX elsewhere), "triton",
+        "mosaic" (the prefill tiles in Pallas Mosaic GPU, the decode in Triton: Hopper, jax 0.11.x,
+        bf16/fp16, head_dim 64/128, even group size; an error says when it cannot serve the call;
+        README: "The Mosaic GPU prefill") or "xla" (pure JAX).
       check_inputs: run the value checks (index ranges, q_len <= kv_len, scales, ...) when the
         arrays are concrete: they copy the index arrays to the host. Traced calls always skip
         them; see ``check_inputs()``.
@@ -142,7 +167,7 @@ def ragged_page_attention_v2(
     return _attention(
         queries, kv_pages, context_lens, block_tables, query_start_loc, host_scalar(num_seqs, np.int32),
         softmax_aux, host_scalar(k_scale, np.float32), host_scalar(v_scale, np.float32),
-        triton=use_triton(implementation),
+        gpu=implementation if use_triton(implementation) else None,
         softmax_scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dims.head_dim),
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
@@ -152,10 +177,10 @@ def ragged_page_attention_v2(
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "triton", "softmax_scale", "logits_soft_cap", "sliding_window", "compute_dtype", "num_kv_pages_per_block",
+    "gpu", "softmax_scale", "logits_soft_cap", "sliding_window", "compute_dtype", "num_kv_pages_per_block",
     "num_queries_per_block", "num_warps", "num_stages"))
 def _attention(queries, kv_pages, context_lens, block_tables, query_start_loc, num_seqs, softmax_aux,
-               k_scale, v_scale, *, triton: bool, softmax_scale: float, logits_soft_cap, sliding_window,
+               k_scale, v_scale, *, gpu: str | None, softmax_scale: float, logits_soft_cap, sliding_window,
                compute_dtype: str, num_kv_pages_per_block, num_queries_per_block, num_warps, num_stages):
     t, h, d = queries.shape
     p, ps, c, _ = kv_pages.shape
@@ -164,15 +189,18 @@ def _attention(queries, kv_pages, context_lens, block_tables, query_start_loc, n
     index = dict(context_lens=context_lens.astype(jnp.int32), block_tables=block_tables.astype(jnp.int32),
                  query_start_loc=query_start_loc.astype(jnp.int32),
                  num_seqs=jnp.asarray(num_seqs, jnp.int32).reshape(1))
-    if triton:
+    if gpu:
         from . import jax_launch
 
-        sms, kind, _ = jax_launch.device_info()
+        sms, kind, arch = jax_launch.device_info()
+        prefill = prefill_kernel(gpu, dims, dtype_name(queries.dtype), dtype_name(kv_pages.dtype), compute_dtype,
+                                 arch)
         plan = plan_for_arrays(
             queries, kv_pages, context_lens, block_tables, softmax_aux, num_sms=sms, device_kind=kind,
             compute_dtype=compute_dtype, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
             sliding_window=sliding_window, num_queries_per_block=num_queries_per_block,
-            num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps, num_stages=num_stages)
+            num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps, num_stages=num_stages,
+            prefill=prefill)
         arrays = dict(index, queries=queries, kv_pages=kv_pages, sinks=softmax_aux, k_scale=ks, v_scale=vs)
         return jax_launch.run(plan, arrays)
     block_q, pages_per_tile = tuning.xla_blocks(t, dims.max_num_seqs, dims.pages_per_seq, ps,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import triton as rpa_triton
-from .plan import Plan
+from .plan import MOSAIC_PREFILL, Plan
 
 TARGET = "triton_kernel_call_ffi"
 # (lowest, first unsupported) versions of the GPU path; checked at first use.
@@ -138,9 +138,29 @@ def run(plan: Plan, arrays: dict) -> jax.Array:
     env = dict(arrays)
     types = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dt)) for name, shape, dt in plan.buffers}
     for launch in plan.launches:
+        if launch.kernel == MOSAIC_PREFILL:
+            env.update(out=_mosaic_prefill(launch, env))
+            continue
         out_types = [types[n] if n in types else jax.ShapeDtypeStruct(env[n].shape, env[n].dtype)
                      for n in launch.outputs]
         outs = _launch(launch, [env[n] for n in launch.inputs], out_types, arch)
         env.update(zip(launch.outputs, outs))
     return env[plan.result]
 
+
+
+def _mosaic_prefill(launch, env: dict) -> jax.Array:
+    """The plan's first launch in Pallas Mosaic GPU (mosaic_prefill.py): its slot and sink tables
+    (one small XLA fusion), then the kernel."""
+    from . import mosaic_prefill as mp
+    from .reference import sink_logits
+
+    c = launch.constexpr_dict
+    queries, block_tables = env["queries"], env["block_tables"]
+    t, h, _ = queries.shape
+    slots = mp.slot_table(env["query_start_loc"], env["context_lens"], env["num_seqs"], total_tokens=t,
+                          pages_per_seq=block_tables.shape[1], page_size=c["PAGE_SIZE"], dec_q=c["DEC_Q"])
+    sinks = sink_logits(env["sinks"], h, c["NUM_KV_HEADS"]) if c["SINKS"] else None
+    return mp.prefill(queries, env["kv_pages"], block_tables, slots, mp.sink_table(sinks, h),
+                      num_kv_heads=c["NUM_KV_HEADS"], page_size=c["PAGE_SIZE"], sm_scale=c["SM_SCALE"],
+                      soft_cap=c["SOFT_CAP"], window=c["WINDOW"], dec_q=c["DEC_Q"])

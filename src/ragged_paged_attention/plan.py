@@ -31,6 +31,17 @@ UNUSED_IN = "queries"
 # MAX_SPLITS splits per sequence (the split-KV rule of benchmarks/sweep_h100_v1.log).
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 32
+# The first launch's kernel when the prefill runs in Pallas Mosaic GPU (not a Triton kernel).
+MOSAIC_PREFILL = "mosaic_prefill"
+# Its query tokens per block (one wgmma M per consumer warpgroup).
+MOSAIC_BLOCK_Q = 64
+
+
+def mosaic_config(head_dim: int) -> tuple[int, int]:
+    """(keys per tile, ring stages) of the Mosaic GPU prefill: 2 x 64-row Q + stages x (K + V)
+    tiles + 2 x 64-row output buffers stay under the 227 KB of an H100/H200 block."""
+    return (128, 4) if head_dim <= 64 else (128, 2)
+
 # Shared memory a tile may plan on (bytes): under an A100's 164 KB and an H100's 227 KB per block.
 SMEM_BUDGET = 160 * 1024
 
@@ -80,12 +91,17 @@ def attention_plan(
     num_kv_pages_per_block: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prefill: str = "triton",
 ) -> Plan:
     """Launches of one ragged_page_attention_v2 call: prefill tiles, decode tiles, split merge.
 
     Both attention launches run every call; each program exits at once when its sequence is of the
     other kind or dead. The knobs set the prefill tile (num_queries_per_block) and both tiles
     (keys per tile, warps, stages); left as None they come from tuning.lookup.
+
+    prefill="mosaic" (the JAX door on Hopper, mosaic_prefill.py) makes the first launch the Pallas
+    Mosaic GPU kernel ``MOSAIC_PREFILL`` instead of the Triton prefill tiles: same buffers, same
+    contract (prefill rows and rows of no sequence written, decode rows left to the decode launch).
     """
     g = dims.group_size
     d_pad = max(16, next_pow2(dims.head_dim))
@@ -140,10 +156,23 @@ def attention_plan(
     part_rows = target // dims.num_kv_heads if splits else 1
     part_shape = (part_rows, dec_q, dims.num_q_heads, d_pad) if splits else (1,)
     ml_shape = (part_rows, dec_q, dims.num_q_heads, 2) if splits else (1,)
+    if prefill == "mosaic":
+        block_kv, stages = mosaic_config(dims.head_dim)
+        first = Launch(
+            MOSAIC_PREFILL, (dims.num_q_heads // 2, dims.total_tokens // MOSAIC_BLOCK_Q + dims.max_num_seqs),
+            ("queries", "kv_pages", "block_tables", "context_lens", "query_start_loc", "num_seqs",
+             "sinks" if sink_shape else UNUSED_IN), ("out",), sizes,
+            tuple(dict(NUM_KV_HEADS=dims.num_kv_heads, PAGE_SIZE=dims.page_size, SM_SCALE=float(softmax_scale),
+                       SOFT_CAP=logits_soft_cap, WINDOW=sliding_window, SINKS=bool(sink_shape), DEC_Q=dec_q,
+                       BLOCK_KV=block_kv).items()), 12, stages)
+    elif prefill == "triton":
+        first = Launch("rpa_kernel", ((dims.total_tokens // pq + dims.max_num_seqs) * dims.num_kv_heads,),
+                       meta + (UNUSED_IN,), ("out", "unused_part", "unused_ml"), sizes,
+                       tuple(dict(common, BLOCK_M=pm, BLOCK_Q=pq, TILE_N=pn, DECODE=False).items()), pw, ps)
+    else:
+        raise ValueError(f"prefill must be 'triton' or 'mosaic', got {prefill!r}")
     launches = [
-        Launch("rpa_kernel", ((dims.total_tokens // pq + dims.max_num_seqs) * dims.num_kv_heads,),
-               meta + (UNUSED_IN,), ("out", "unused_part", "unused_ml"), sizes,
-               tuple(dict(common, BLOCK_M=pm, BLOCK_Q=pq, TILE_N=pn, DECODE=False).items()), pw, ps),
+        first,
         Launch("rpa_kernel", (target,),
                meta + ("out",), ("out", "part", "ml"), sizes,
                tuple(dict(common, BLOCK_M=dm, BLOCK_Q=dq, TILE_N=dn, DECODE=True).items()), dw, ds),

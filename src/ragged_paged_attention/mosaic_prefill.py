@@ -1,0 +1,411 @@
+"""Warp-specialised prefill for Hopper (sm_90) in Pallas Mosaic GPU: the JAX door's prefill tiles.
+
+One CUDA block per (query-block slot, pair of query heads of one KV head), three warpgroups:
+
+- a producer warpgroup (40 registers) streams the sequence's K and V tiles of BLOCK_KV keys into a
+  ring of STAGES shared-memory buffers with TMA, one copy per page (or per BLOCK_KV rows of a page
+  larger than a tile): the page id is read from the block table at run time. Pages wholly outside
+  the block's visible key range are never read: their copies take the out-of-bounds page id
+  num_pages and arrive as zeros. The one page that holds a sequence's last key is copied from a
+  start shifted back by its empty slots, so the slots past kv_len (which may hold anything, NaN
+  included) are never read either: the shifted-in rows are out-of-bounds zeros (page >= tile) or
+  earlier keys of the same page (tile < page), and the mask knows each row's true position.
+- two consumer warpgroups (232 registers each) take the same 64 query tokens of two query heads of
+  that KV head (both read every K/V tile once), compute S = Q K^T and O += P V on the matrix units
+  (wgmma) with an online softmax in the log2 domain, and take turns on the matrix units through a
+  schedule barrier (one's softmax overlaps the other's matrix products).
+
+Batch sizes are run-time values: the slot table (``slot_table``, one small XLA fusion per call)
+maps each slot to its sequence, first token, valid rows and key length, and the rows of no sequence
+each slot must zero. The grid is (head pairs, T // 64 + max_num_seqs) with the heads fastest (the
+blocks of one sequence and KV head run side by side and share K/V in L2) and the slots reversed
+(the last, heaviest causal blocks of each sequence first). Sequences with at most DEC_Q queries are
+left to the Triton decode launch, which writes their rows into this kernel's output in place.
+
+Partial blocks: a block's output leaves shared memory by TMA in power-of-two row pieces (64, 32,
+..., 1), so a block never writes the rows of the next sequence.
+
+Where it applies (``unsupported`` says why not otherwise): sm_90, the JAX versions it was run with
+(TESTED_JAX), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64 or 128, an
+even number of query heads per KV head, a page size that is a multiple of 8 and divides or is a
+multiple of the key tile. Everything else (float32, float8 caches, MHA, head_dim 256, ...) runs
+the Triton prefill tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .plan import MOSAIC_BLOCK_Q as BLOCK_Q
+from .plan import mosaic_config as config
+
+LOG2E = math.log2(math.e)
+NEG = -2.381976426469702e38  # finite start of the running max (NEG - NEG == 0, exp2(NEG - m) == 0)
+# (lowest, first untested) JAX version the kernel has run on a GPU with (Pallas Mosaic GPU's API
+# changes between releases; other versions take the Triton prefill).
+TESTED_JAX = ((0, 11, 2), (0, 12))
+SLOT_COLUMNS = 10  # slot table: seq, tok0, v0, rows, kv_len, pos_off, za0, za_n, zb0, zb_n
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, head_dim: int,
+                group: int, page_size: int) -> str | None:
+    """Why the Mosaic GPU prefill cannot serve a call (None when it can)."""
+    lo, hi = TESTED_JAX
+    if not lo <= _jax_version() < hi:
+        return f"jax {jax.__version__} is not a version the Mosaic GPU prefill was run with ({lo} <= v < {hi})"
+    if arch != 90:
+        return f"the Mosaic GPU prefill is built for sm_90 (Hopper), this GPU is sm_{arch}"
+    if not (q_dtype == kv_dtype == compute_dtype and q_dtype in ("bfloat16", "float16")):
+        return ("the Mosaic GPU prefill needs queries, kv_pages and compute_dtype all bfloat16 or all "
+                f"float16, got {q_dtype}, {kv_dtype}, {compute_dtype}")
+    if head_dim not in (64, 128):
+        return f"the Mosaic GPU prefill supports head_dim 64 and 128, got {head_dim}"
+    if group % 2:
+        return f"the Mosaic GPU prefill pairs query heads of one KV head: needs an even group size, got {group}"
+    block_kv, _ = config(head_dim)
+    if page_size % 8 or (block_kv % page_size and page_size % block_kv):
+        return f"the Mosaic GPU prefill copies whole pages of a multiple of 8 rows, got page_size {page_size}"
+    return None
+
+
+def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pages_per_seq: int,
+               page_size: int, dec_q: int):
+    """int32 [T // 64 + S, SLOT_COLUMNS]: per query-block slot b (the Triton prefill's numbering:
+    sequence i owns slots from qsl[i] // 64 + i on), its sequence (-1: no prefill work), first token
+    tok0 (a multiple of 8: the tiled Q copy moves whole 8-row groups, so a sequence's first block
+    starts at the 8-row group holding its first query and skips v0 rows of the previous sequence),
+    v0, its valid rows from v0 on, key length, position offset (key position of token t = t +
+    pos_off), and the rows of its aligned chunk [64 b, 64 b + 64) that belong to no sequence (two
+    ranges: start, count). Every value is clamped into the arrays, whatever the metadata holds."""
+    t, s = total_tokens, context_lens.shape[0]
+    n_slots = t // BLOCK_Q + s
+    num = jnp.clip(num_seqs.reshape(())[()], 0, s)
+    qsl = jnp.clip(query_start_loc.astype(jnp.int32), 0, t)
+    first = qsl[0]
+    last = jnp.clip(qsl[num], first, t)
+    idx = jnp.arange(s, dtype=jnp.int32)
+    starts = jnp.where(idx < num, qsl[:s] // BLOCK_Q + idx, jnp.iinfo(jnp.int32).max)
+    b = jnp.arange(n_slots, dtype=jnp.int32)
+    # The last live sequence starting at or before slot b (its start <= b whatever the order).
+    seq = jnp.max(jnp.where(starts[None, :] <= b[:, None], idx[None, :], -1), axis=1)
+    sc = jnp.clip(seq, 0, max(s - 1, 0))
+    q_start = qsl[sc]
+    q_end = jnp.clip(qsl[sc + 1], q_start, t)
+    kv_len = jnp.clip(context_lens.astype(jnp.int32)[sc], 0, pages_per_seq * page_size)
+    j = b - jnp.minimum(starts[sc], n_slots)                 # block j of its sequence
+    tok0 = q_start // 8 * 8 + j * BLOCK_Q
+    v0 = jnp.where(j == 0, q_start - tok0, 0)
+    work = (seq >= 0) & (q_end - q_start > dec_q) & (j >= 0) & (tok0 + v0 < q_end)
+    rows = jnp.clip(q_end - tok0 - v0, 0, BLOCK_Q - v0)
+    z0 = jnp.minimum(b * BLOCK_Q, t)
+    z1 = jnp.minimum(z0 + BLOCK_Q, t)
+    za_n = jnp.clip(jnp.minimum(first, z1) - z0, 0, BLOCK_Q)
+    zb0 = jnp.maximum(last, z0)
+    zb_n = jnp.clip(z1 - zb0, 0, BLOCK_Q)
+    cols = (jnp.where(work, sc, -1), jnp.where(work, tok0, 0), jnp.where(work, v0, 0), jnp.where(work, rows, 0),
+            kv_len, kv_len - q_end, z0, za_n, jnp.minimum(zb0, t), zb_n)
+    return jnp.stack(cols, axis=1).astype(jnp.int32)
+
+
+def sink_table(sinks, num_q_heads: int):
+    """float32 [num_q_heads, 2]: the running softmax's start per head, (max, sum) in the log2
+    domain: (NEG, 0) without sinks; a -inf sink adds exp(-inf) = 0."""
+    if sinks is None:
+        return jnp.tile(jnp.array([[NEG, 0.0]], jnp.float32), (num_q_heads, 1))
+    m = jnp.maximum(sinks.astype(jnp.float32) * LOG2E, NEG)
+    return jnp.stack([m, jnp.exp2(sinks.astype(jnp.float32) * LOG2E - m)], axis=1)
+
+
+def _clamp(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _tanh(y):
+    """tanh without the cancellation of 1 - 2 / (exp(2y) + 1) near 0 (the Triton kernels' form:
+    the hardware tanh.approx is 5e-4 off, which a large soft cap turns into percent errors)."""
+    a = jnp.abs(y)
+    e = jnp.exp2(a * (-2.0 * LOG2E))
+    y2 = y * y
+    small = a * (1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 + y2 * (
+        -0.05396825396825397 + y2 * 0.021869488536155203))))
+    t = jnp.where(a < 0.25, small, (1.0 - e) / (1.0 + e))
+    return jnp.where(y < 0, -t, t)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "num_kv_heads", "page_size", "sm_scale", "soft_cap", "window", "dec_q"))
+def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: int, page_size: int,
+            sm_scale: float, soft_cap: float | None, window: int | None, dec_q: int):
+    """Output [T, num_q_heads, head_dim] of the prefill blocks (rows of no sequence zeroed; rows of
+    decode sequences left for the decode launch). slots: slot_table(...); sink_ml: sink_table(...)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    t_total, num_q_heads, head_dim = queries.shape
+    if t_total % 8:  # the tiled Q copies see the query array as 8-row groups
+        queries = jnp.pad(queries, ((0, 8 - t_total % 8), (0, 0), (0, 0)))
+    num_pages = kv_pages.shape[0]
+    pages_per_seq = block_tables.shape[1]
+    n_slots = slots.shape[0]
+    dtype = queries.dtype
+    block_kv, stages = config(head_dim)
+    cu = min(page_size, block_kv)          # rows per TMA copy
+    units = block_kv // cu                 # copies per K (and V) tile
+    group = num_q_heads // num_kv_heads
+    if soft_cap is None:
+        qk_scale = sm_scale * LOG2E
+    else:
+        qk_scale = sm_scale / soft_cap
+
+    def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
+        (q_smem, k_smem, v_smem, o_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
+        hp = lax.axis_index("hp")
+        b = n_slots - 1 - lax.axis_index("slot")
+        wg = lax.axis_index("wg")
+        kvh = (2 * hp) // group
+        seq = slot_ref[b, 0]
+        tok0 = slot_ref[b, 1]
+        v0 = slot_ref[b, 2]
+        n_rows = slot_ref[b, 3]
+        kv_len = slot_ref[b, 4]
+        pos_off = slot_ref[b, 5]
+        work = seq >= 0
+        # Positions of the block's first and last valid rows (rows before v0 are the previous
+        # sequence's: computed, never stored, and they widen no key range).
+        first_pos = tok0 + v0 + pos_off
+        last_pos = first_pos + n_rows - 1
+        hi = jnp.maximum(last_pos + 1, 0)
+        full_hi = jnp.maximum(first_pos + 1, 0) // block_kv
+        if window is not None:
+            lo = jnp.maximum(first_pos - window + 1, 0)
+            full_lo = (jnp.maximum(last_pos - window + 1, 0) + block_kv - 1) // block_kv
+        else:
+            lo = jnp.int32(0)
+            full_lo = jnp.int32(0)
+        t_lo = lo // block_kv
+        t_hi = (hi + block_kv - 1) // block_kv
+        n_tiles = t_hi - t_lo
+
+        def schedule_barrier():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        def store_rows(src, src0, row0, n, head):
+            """out[row0:row0+n, head] = src[src0:src0+n] (n <= 64) in power-of-two TMA pieces."""
+            for k in (64, 32, 16, 8, 4, 2, 1):
+                off = n & ~(2 * k - 1)
+                plgpu.copy_smem_to_gmem(src.at[pl.ds(src0 + off, k)], out_ref.at[pl.ds(row0 + off, k), head],
+                                        predicate=(n & k) != 0)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            head = 2 * hp + wg
+            q_buf = q_smem.at[wg]
+            o_buf = o_smem.at[wg]
+            za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
+
+            @pl.when(za_n + zb_n > 0)
+            def _zero_rows():
+                o_buf[...] = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), dtype), plgpu.Layout.WGMMA)
+                plgpu.commit_smem()
+                store_rows(o_buf, 0, za0, za_n, head)
+                store_rows(o_buf, 0, zb0, zb_n, head)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            @pl.when(work)
+            def _attend():
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tok0, BLOCK_Q), head], q_buf, q_bar.at[wg])
+                m0 = sink_ref[head, 0]
+                l0 = sink_ref[head, 1]
+                m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), m0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), l0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+                plgpu.barrier_wait(q_bar.at[wg])
+
+                @pl.when(n_tiles > 0)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[0])
+
+                pl.when(wg == 1)(schedule_barrier)
+
+                def step(t, carry, masked: bool):
+                    acc, m_i, l_i = carry
+                    i = t - t_lo
+                    slot = lax.rem(i, jnp.int32(stages))
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_buf, k_smem.at[slot].transpose((1, 0)))
+                        schedule_barrier()
+                        return acc_ref[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+                    plgpu.barrier_arrive(k_used.at[slot])
+                    if soft_cap is not None:
+                        s = _tanh(s * qk_scale) * (soft_cap * LOG2E)
+                        scale = 1.0
+                    else:
+                        scale = qk_scale
+                    if masked:
+                        r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                        c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                        q_pos = r + (tok0 + pos_off)
+                        jj = c & (cu - 1)
+                        ks = t * block_kv + (c - jj)          # first key of the column's copy unit
+                        part = kv_len - ks
+                        # the unit holding the last key came in shifted (see the producer)
+                        shift = jnp.where((part > 0) & (part < cu), cu - ((part + 7) & ~7), 0)
+                        k_pos = ks + jj - shift
+                        ok = (jj >= shift) & (k_pos < kv_len) & (k_pos <= q_pos)
+                        if window is not None:
+                            ok = ok & (k_pos > q_pos - window)
+                        s = jnp.where(ok, s * scale, -jnp.inf)
+                        m_new = jnp.maximum(m_i, s.max(axis=1))
+                        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    else:
+                        m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+                        p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    alpha = jnp.exp2(m_i - m_new)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l_i = l_i * alpha
+                    p16 = p.astype(dtype)
+
+                    def end_softmax():
+                        plgpu.barrier_arrive(sched)
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        plgpu.barrier_wait(sched)
+                    if head_dim <= 128:
+                        l_i = l_i + p.sum(axis=1)
+                        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                        end_softmax()
+                    else:
+                        end_softmax()
+                        l_i = l_i + p.sum(axis=1)
+                    if masked:
+                        zero_tail_values(t, slot)
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        nxt = i + 1
+
+                        @pl.when(nxt < n_tiles)
+                        def _():
+                            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_used.at[slot])
+                    return acc, m_new, l_i
+
+                def zero_tail_values(t, slot):
+                    """Zero the V rows past kv_len in the 8-row group of the last key (they may
+                    hold anything, NaN included, and 0 x NaN would reach the output)."""
+                    last = kv_len - 1 - t * block_kv                    # the last key's row in the tile
+                    end = (last // cu) * cu + cu                          # end of its (shifted) unit
+                    junk = ((kv_len + 7) & ~7) - kv_len                   # slots past kv_len copied in
+                    for h in range(block_kv // BLOCK_Q):
+                        @pl.when((junk > 0) & (last >= 0) & (last < block_kv) & ((end - 1) // BLOCK_Q == h))
+                        def _():
+                            win = v_smem.at[slot, pl.ds(h * BLOCK_Q, BLOCK_Q)]
+                            vals = win[...]
+                            r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, head_dim), 0,
+                                                       layout=plgpu.Layout.WGMMA) + h * BLOCK_Q
+                            win[...] = jnp.where((r >= end - junk) & (r < end), jnp.zeros_like(vals), vals)
+                            plgpu.commit_smem()
+
+                masked_step = functools.partial(step, masked=True)
+                plain_step = functools.partial(step, masked=False)
+                carry = (acc, m_i, l_i)
+                # Tiles below the window's edge, full tiles, then the causal diagonal: masks only on edges.
+                e1 = jnp.minimum(t_hi, full_lo)
+                carry = lax.fori_loop(t_lo, e1, masked_step, carry)
+                f0 = jnp.maximum(t_lo, full_lo)
+                f1 = jnp.minimum(t_hi, full_hi)
+                carry = lax.fori_loop(f0, f1, plain_step, carry)
+                e2 = jnp.maximum(f0, full_hi)
+                carry = lax.fori_loop(e2, t_hi, masked_step, carry)
+                acc, m_i, l_i = carry
+                pl.when(wg == 0)(schedule_barrier)
+
+                # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
+                l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+                o_buf[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                plgpu.commit_smem()
+                store_rows(o_buf, v0, tok0 + v0, n_rows, head)
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.when(work)
+            def _():
+                bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
+
+                def issue(i, which: int, buf, bar):
+                    t = t_lo + i
+                    slot = lax.rem(i, jnp.int32(stages))
+                    for u in range(units):
+                        ks = t * block_kv + u * cu
+                        live = (ks < kv_len) & (ks + cu > lo)
+                        page = bt_row[_clamp(ks // page_size, 0, pages_per_seq - 1)]
+                        page = jnp.where(live, page, num_pages)       # out of bounds: arrives as zeros
+                        part = kv_len - ks
+                        # The unit holding the last key: shifted back so that it ends with the
+                        # 8-row group of that key (copies move whole 8-row groups); the <= 7 slots
+                        # past kv_len in that group are zeroed in shared memory by the consumers.
+                        start = ks % page_size + jnp.where(part < cu, ((part + 7) & ~7) - cu, 0)
+                        plgpu.copy_gmem_to_smem(
+                            kv_ref.at[page, pl.ds(start, cu), 2 * kvh + which],
+                            buf.at[slot, pl.ds(u * cu, cu)], bar.at[slot])
+
+                for j in range(stages):
+                    @pl.when(j < n_tiles)
+                    def _():
+                        issue(j, 0, k_smem, k_bar)
+                        issue(j, 1, v_smem, v_bar)
+
+                @pl.loop(0, jnp.maximum(n_tiles - stages, 0))
+                def _(j):
+                    i = j + stages
+                    slot = lax.rem(i, jnp.int32(stages))
+                    plgpu.barrier_wait(k_used.at[slot])
+                    issue(i, 0, k_smem, k_bar)
+                    plgpu.barrier_wait(v_used.at[slot])
+                    issue(i, 1, v_smem, v_bar)
+
+    def entry(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        scratch = [
+            plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((2, BLOCK_Q, head_dim), dtype),
+        ]
+        pl.run_scoped(
+            lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
+            scratch,
+            (plgpu.Barrier(num_arrivals=units, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=units, num_barriers=stages),
+             plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((t_total, num_q_heads, head_dim), dtype),
+        grid=(num_q_heads // 2, n_slots),
+        grid_names=("hp", "slot"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )(queries, kv_pages, block_tables, slots, sink_ml)

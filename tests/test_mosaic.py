@@ -1,0 +1,159 @@
+"""The Pallas Mosaic GPU prefill (mosaic_prefill.py) on a machine without a GPU.
+
+- its slot table (pure JAX, any backend) against a NumPy model of what the kernel must cover:
+  every query row of a prefill sequence in exactly one block, every row of no sequence zeroed by
+  exactly one block, 8-row-aligned Q copies, nothing outside the arrays whatever the metadata;
+- implementation="mosaic" refuses the calls it cannot serve, naming why;
+- on the JAX versions the kernel was run with on a GPU (mosaic_prefill.TESTED_JAX; CI's newest-JAX
+  job installs one), the kernel lowered for CUDA: the whole Pallas -> Mosaic GPU lowering runs here,
+  only compiling the module and running it need a GPU (the GPU suite runs it: backend jax-mosaic).
+  tests/lower_for_cuda.py lowers a whole implementation="mosaic" call there too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ragged_paged_attention as rpa
+from ragged_paged_attention import mosaic_prefill as mp
+from ragged_paged_attention.plan import MOSAIC_BLOCK_Q as BQ
+
+DEC_Q = 4
+
+
+def _model(qsl, ctx, num_seqs, t, s):
+    """What the slot table must describe: {row: seq} of the prefill rows, the set of dead rows."""
+    n = min(max(num_seqs, 0), s)
+    first = min(max(qsl[0], 0), t)
+    last = min(max(qsl[n], first), t)
+    rows = {}
+    for i in range(n):
+        a, b = qsl[i], qsl[i + 1]
+        if b - a > DEC_Q:
+            rows.update({r: i for r in range(a, b)})
+    dead = set(range(0, first)) | set(range(last, t))
+    return rows, dead
+
+
+def _check(qsl, ctx, num_seqs, t, s, width=64, page=16):
+    tab = np.asarray(mp.slot_table(jnp.asarray(qsl, jnp.int32), jnp.asarray(ctx, jnp.int32),
+                                   jnp.asarray([num_seqs], jnp.int32), total_tokens=t, pages_per_seq=width,
+                                   page_size=page, dec_q=DEC_Q))
+    assert tab.shape == (t // BQ + s, mp.SLOT_COLUMNS)
+    want_rows, want_dead = _model(qsl, ctx, num_seqs, t, s)
+    got_rows, got_dead = {}, []
+    for seq, tok0, v0, n, kv_len, pos_off, za0, za_n, zb0, zb_n in tab.tolist():
+        assert 0 <= za_n <= BQ and 0 <= zb_n <= BQ
+        assert 0 <= za0 and za0 + za_n <= t and 0 <= zb0 and zb0 + zb_n <= t
+        got_dead += list(range(za0, za0 + za_n)) + list(range(zb0, zb0 + zb_n))
+        if seq < 0:
+            continue
+        assert 0 <= seq < s
+        assert tok0 % 8 == 0 and 0 <= tok0 < t, "Q copies move whole 8-row groups"
+        assert 0 <= v0 < 8 and 0 < n <= BQ - v0
+        assert tok0 + v0 + n <= t
+        assert 0 <= kv_len <= width * page
+        assert pos_off == kv_len - qsl[seq + 1]
+        for r in range(tok0 + v0, tok0 + v0 + n):
+            assert r not in got_rows, f"row {r} written by two blocks"
+            got_rows[r] = seq
+    assert got_rows == want_rows
+    assert sorted(got_dead) == sorted(want_dead), "each row of no sequence zeroed exactly once"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_slot_table_covers_every_row_once(seed):
+    rng = np.random.default_rng(seed)
+    s = int(rng.integers(1, 12))
+    lens = rng.choice([0, 1, 3, 5, 8, 63, 64, 65, 130, 200], size=s)
+    n = int(rng.integers(0, s + 1))
+    lens[n:] = 0
+    start = int(rng.integers(0, 9))
+    qsl = np.concatenate([[0], np.cumsum(lens)]) + start
+    t = int(qsl[-1] + rng.integers(0, 70))
+    ctx = lens + rng.integers(0, 500, size=s)
+    _check(qsl.tolist(), ctx.tolist(), n, t, s)
+
+
+@pytest.mark.parametrize("kind", ["decreasing_qsl", "qsl_past_tokens", "num_seqs_past_slots", "negative"])
+def test_slot_table_in_bounds_for_garbage(kind):
+    """Garbage metadata: every block still reads and writes inside the arrays (the sequences' rows
+    may be wrong, never out of range)."""
+    s, t, width, page = 5, 300, 8, 16
+    qsl = np.array([0, 70, 75, 160, 161, 240])
+    ctx = np.array([70, 5, 85, 1, 79])
+    n = 5
+    if kind == "decreasing_qsl":
+        qsl = np.array([0, 200, 10, 160, 5, 240])
+    elif kind == "qsl_past_tokens":
+        qsl = np.array([0, 70, 10**9, 160, 161, 2**31 - 1])
+    elif kind == "num_seqs_past_slots":
+        n = 40
+    else:
+        qsl, ctx, n = -qsl, -ctx, -2
+    tab = np.asarray(mp.slot_table(jnp.asarray(qsl, jnp.int32), jnp.asarray(ctx, jnp.int32),
+                                   jnp.asarray([n], jnp.int32), total_tokens=t, pages_per_seq=width,
+                                   page_size=page, dec_q=DEC_Q))
+    live = tab[tab[:, 0] >= 0]
+    assert (live[:, 0] < s).all()
+    assert ((live[:, 1] >= 0) & (live[:, 1] % 8 == 0) & (live[:, 1] + live[:, 2] + live[:, 3] <= t)).all()
+    assert ((live[:, 4] >= 0) & (live[:, 4] <= width * page)).all()
+    assert ((tab[:, 6] >= 0) & (tab[:, 6] + tab[:, 7] <= t) & (tab[:, 8] >= 0) & (tab[:, 8] + tab[:, 9] <= t)).all()
+
+
+def test_sink_table():
+    sinks = jnp.array([0.5, -jnp.inf, 3.0], jnp.float32)
+    tab = np.asarray(mp.sink_table(sinks, 3))
+    np.testing.assert_allclose(tab[[0, 2], 0], np.array([0.5, 3.0]) * np.log2(np.e), rtol=1e-6)
+    np.testing.assert_allclose(tab[[0, 2], 1], 1.0)
+    assert tab[1, 0] == mp.NEG and tab[1, 1] == 0.0, "a -inf sink adds exp(-inf) = 0 and no NaN"
+    none = np.asarray(mp.sink_table(None, 2))
+    assert (none[:, 0] == mp.NEG).all() and (none[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("what", ["float32", "mha", "head_dim_80", "page_size_4", "fp8"])
+def test_mosaic_refuses_what_it_cannot_serve(what):
+    kw = dict(t=12, h=8, kvh=2, d=64, page=16, dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16)
+    kw.update({"float32": dict(dtype=jnp.float32, kv_dtype=jnp.float32), "mha": dict(kvh=8),
+               "head_dim_80": dict(d=80), "page_size_4": dict(page=4),
+               "fp8": dict(kv_dtype=jnp.float8_e4m3fn)}[what])
+    q = jnp.ones((kw["t"], kw["h"], kw["d"]), kw["dtype"])
+    kv = jnp.ones((4, kw["page"], 2 * kw["kvh"], kw["d"]), kw["kv_dtype"])
+    with pytest.raises(rpa.RaggedPagedAttentionError, match="implementation='mosaic' cannot serve"):
+        rpa.ragged_page_attention_v2(q, kv, jnp.array([12], jnp.int32), jnp.zeros((1, 4), jnp.int32),
+                                     jnp.array([0, 12], jnp.int32), 1, implementation="mosaic",
+                                     compute_dtype=kw["dtype"], check_inputs=False)
+
+
+def _tested_jax() -> bool:
+    lo, hi = mp.TESTED_JAX
+    return lo <= mp._jax_version() < hi
+
+
+needs_tested_jax = pytest.mark.skipif(
+    not _tested_jax(), reason=f"jax {jax.__version__}: the Mosaic GPU prefill is built for {mp.TESTED_JAX} "
+    "(tools/ci_newest_jax.sh lowers it with such a JAX)")
+
+
+@needs_tested_jax
+@pytest.mark.parametrize("t, d, page, window, cap, sinks", [
+    (190, 128, 16, None, None, False),     # tokens not a multiple of 8: Q is padded
+    (2048, 128, 16, 500, 30.0, True),      # every feature
+    (256, 64, 64, None, None, True),       # head_dim 64, 64-row pages
+    (64, 128, 256, 33, None, False),       # pages larger than the key tile
+])
+def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks):
+    h, kvh, s, width, pages = 16, 4, 8, 32, 64
+    sds = jax.ShapeDtypeStruct
+
+    def f(q, kv, bt, qsl, ctx, n, aux):
+        slots = mp.slot_table(qsl, ctx, n, total_tokens=t, pages_per_seq=width, page_size=page, dec_q=DEC_Q)
+        return mp.prefill(q, kv, bt, slots, mp.sink_table(aux if sinks else None, h), num_kv_heads=kvh,
+                          page_size=page, sm_scale=0.125, soft_cap=cap, window=window, dec_q=DEC_Q)
+    args = (sds((t, h, d), jnp.bfloat16), sds((pages, page, 2 * kvh, d), jnp.bfloat16), sds((s, width), jnp.int32),
+            sds((s + 1,), jnp.int32), sds((s,), jnp.int32), sds((1,), jnp.int32), sds((h,), jnp.float32))
+    text = jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+    assert text.count("custom_call @mosaic_gpu") == 1
