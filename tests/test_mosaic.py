@@ -3,7 +3,8 @@
 - its slot table (pure JAX, any backend) against a NumPy model of what the kernel must cover:
   every query row of a prefill sequence in exactly one block, every row of no sequence zeroed by
   exactly one block, 8-row-aligned Q copies, nothing outside the arrays whatever the metadata;
-- implementation="mosaic" refuses the calls it cannot serve, naming why;
+- implementation="mosaic" runs the Triton prefill for the calls the kernel cannot serve, with a
+  warning naming why, and "auto" never picks it;
 - on the JAX versions the kernel was run with on a GPU (mosaic_prefill.TESTED_JAX; CI's newest-JAX
   job installs one), the kernel lowered for CUDA: the whole Pallas -> Mosaic GPU lowering runs here,
   only compiling the module and running it need a GPU (the GPU suite runs it: backend jax-mosaic).
@@ -114,18 +115,37 @@ def test_sink_table():
     assert (none[:, 0] == mp.NEG).all() and (none[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("what", ["float32", "mha", "head_dim_80", "page_size_4", "fp8"])
-def test_mosaic_refuses_what_it_cannot_serve(what):
-    kw = dict(t=12, h=8, kvh=2, d=64, page=16, dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16)
-    kw.update({"float32": dict(dtype=jnp.float32, kv_dtype=jnp.float32), "mha": dict(kvh=8),
-               "head_dim_80": dict(d=80), "page_size_4": dict(page=4),
-               "fp8": dict(kv_dtype=jnp.float8_e4m3fn)}[what])
-    q = jnp.ones((kw["t"], kw["h"], kw["d"]), kw["dtype"])
-    kv = jnp.ones((4, kw["page"], 2 * kw["kvh"], kw["d"]), kw["kv_dtype"])
-    with pytest.raises(rpa.RaggedPagedAttentionError, match="implementation='mosaic' cannot serve"):
-        rpa.ragged_page_attention_v2(q, kv, jnp.array([12], jnp.int32), jnp.zeros((1, 4), jnp.int32),
-                                     jnp.array([0, 12], jnp.int32), 1, implementation="mosaic",
-                                     compute_dtype=kw["dtype"], check_inputs=False)
+@pytest.mark.parametrize("what", ["float32", "mha", "head_dim_80", "page_size_4", "fp8", "compute_float32"])
+def test_mosaic_falls_back_to_triton_saying_why(what):
+    """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
+    that names the reason (on any JAX: outside TESTED_JAX the version is the reason)."""
+    from ragged_paged_attention.api import prefill_kernel
+    from ragged_paged_attention.validate import Dims
+
+    kw = dict(h=8, kvh=2, d=64, page=16, q="bfloat16", kv="bfloat16", compute="bfloat16")
+    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha": dict(kvh=8),
+               "head_dim_80": dict(d=80), "page_size_4": dict(page=4), "fp8": dict(kv="float8_e4m3fn"),
+               "compute_float32": dict(compute="float32")}[what])
+    dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
+    reason = {"float32": "all bfloat16", "mha": "even group size", "head_dim_80": "head_dim 64 and 128",
+              "page_size_4": "multiple of 8", "fp8": "all bfloat16", "compute_float32": "all bfloat16"}[what]
+    if not _tested_jax():
+        reason = "is not a version the Mosaic GPU prefill was run with"
+    with pytest.warns(rpa.MosaicFallbackWarning, match=reason):
+        assert prefill_kernel("mosaic", dims, kw["q"], kw["kv"], kw["compute"], arch=90) == "triton"
+    with pytest.warns(rpa.MosaicFallbackWarning, match="sm_90|version"):
+        prefill_kernel("mosaic", Dims(64, 8, 64, 32, 16, 2, 4, 8), "bfloat16", "bfloat16", "bfloat16", arch=80)
+
+
+def test_mosaic_chosen_only_when_asked():
+    from ragged_paged_attention.api import prefill_kernel
+    from ragged_paged_attention.validate import Dims
+
+    dims = Dims(64, 8, 128, 32, 16, 2, 4, 8)
+    for impl in ("auto", "triton"):
+        assert prefill_kernel(impl, dims, "bfloat16", "bfloat16", "bfloat16", arch=90) == "triton"
+    if _tested_jax():
+        assert prefill_kernel("mosaic", dims, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
 
 
 def _tested_jax() -> bool:

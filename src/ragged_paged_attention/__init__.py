@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .validate import RaggedPagedAttentionError
+from .validate import MosaicFallbackWarning, RaggedPagedAttentionError
 
 _LAZY = {
     "ragged_page_attention_v2": "api",
@@ -23,7 +23,7 @@ _LAZY = {
     "sharded_write_kv_pages": "sharding",
 }
 
-__all__ = ["RaggedPagedAttentionError", *_LAZY]
+__all__ = ["MosaicFallbackWarning", "RaggedPagedAttentionError", *_LAZY]
 __version__ = "0.2.0"
 
 

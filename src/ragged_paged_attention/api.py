@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Literal
 
 import jax
@@ -15,8 +16,8 @@ from jaxtyping import Array, Float, Int
 from . import tuning
 from .plan import plan_for_arrays
 from .reference import ragged_paged_attention_xla, sink_logits
-from .validate import (Dims, RaggedPagedAttentionError, check_concrete_scales, check_static, check_values,
-                       dtype_name, is_concrete)
+from .validate import (Dims, MosaicFallbackWarning, RaggedPagedAttentionError, check_concrete_scales, check_static,
+                       check_values, dtype_name, is_concrete)
 
 
 IMPLEMENTATIONS = ("auto", "triton", "mosaic", "xla")
@@ -38,10 +39,11 @@ def use_triton(implementation: str) -> bool:
 def prefill_kernel(implementation: str, dims: Dims, q_dtype: str, kv_dtype: str, compute_dtype: str,
                    arch: int) -> str:
     """'mosaic' (the Pallas Mosaic GPU prefill, mosaic_prefill.py) or 'triton' for the prefill tiles
-    of a GPU call. Only implementation="mosaic" takes Mosaic (an error says why when it cannot serve
-    the call); "auto" and "triton" run the Triton prefill tiles: the Mosaic kernel is faster on
-    prefill but compiles once per bucket shape and costs a decode-only step of a large bucket up to
-    1.6x (benchmarks/NOTES.md v4, docs/decisions.md)."""
+    of a GPU call. Only implementation="mosaic" takes Mosaic, where it can serve the call (elsewhere
+    a MosaicFallbackWarning says why and the Triton prefill runs); "auto" and "triton" run the
+    Triton prefill tiles: the Mosaic kernel is faster on prefill but compiles once per bucket shape
+    and costs a decode-only step of a large bucket up to 1.6x (benchmarks/NOTES.md v4,
+    docs/decisions.md)."""
     if implementation != "mosaic":
         return "triton"
     from . import mosaic_prefill
@@ -49,7 +51,9 @@ def prefill_kernel(implementation: str, dims: Dims, q_dtype: str, kv_dtype: str,
     why = mosaic_prefill.unsupported(arch=arch, q_dtype=q_dtype, kv_dtype=kv_dtype, compute_dtype=compute_dtype,
                                      head_dim=dims.head_dim, group=dims.group_size, page_size=dims.page_size)
     if why is not None:
-        raise RaggedPagedAttentionError(f"implementation='mosaic' cannot serve this call: {why}")
+        warnings.warn(f"implementation='mosaic': this call's prefill runs in the Triton kernels: {why}",
+                      MosaicFallbackWarning, stacklevel=2)
+        return "triton"
     return "mosaic"
 
 
@@ -130,8 +134,9 @@ def ragged_page_attention_v2(
       k_scale, v_scale: per-tensor dequantisation scales of a float8_e4m3fn cache (default 1).
       implementation: "auto" (the Triton kernels on NVIDIA GPUs, pure JAX elsewhere), "triton",
         "mosaic" (the prefill tiles in Pallas Mosaic GPU, the decode in Triton: Hopper, jax 0.11.x,
-        bf16/fp16, head_dim 64/128, even group size; an error says when it cannot serve the call;
-        README: "The Mosaic GPU prefill") or "xla" (pure JAX).
+        bf16/fp16, head_dim 64/128, even group size; a call it cannot serve runs the Triton
+        prefill with a MosaicFallbackWarning saying why; README: "The Mosaic GPU prefill") or
+        "xla" (pure JAX).
       check_inputs: run the value checks (index ranges, q_len <= kv_len, scales, ...) when the
         arrays are concrete: they copy the index arrays to the host. Traced calls always skip
         them; see ``check_inputs()``.

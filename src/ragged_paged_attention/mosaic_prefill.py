@@ -7,9 +7,11 @@ One CUDA block per (query-block slot, pair of query heads of one KV head), three
   larger than a tile): the page id is read from the block table at run time. Pages wholly outside
   the block's visible key range are never read: their copies take the out-of-bounds page id
   num_pages and arrive as zeros. The one page that holds a sequence's last key is copied from a
-  start shifted back by its empty slots, so the slots past kv_len (which may hold anything, NaN
-  included) are never read either: the shifted-in rows are out-of-bounds zeros (page >= tile) or
-  earlier keys of the same page (tile < page), and the mask knows each row's true position.
+  start shifted back so that it ends with the 8-row group of that key: the slots past kv_len
+  (which may hold anything, NaN included) are not read beyond that group, the shifted-in rows are
+  out-of-bounds zeros (page >= tile) or earlier keys of the same page (tile < page), the mask
+  knows each row's true position, and the consumers zero the <= 7 V rows past kv_len in that
+  group in shared memory before P V (0 x NaN would reach the output).
 - two consumer warpgroups (232 registers each) take the same 64 query tokens of two query heads of
   that KV head (both read every K/V tile once), compute S = Q K^T and O += P V on the matrix units
   (wgmma) with an online softmax in the log2 domain, and take turns on the matrix units through a
@@ -22,14 +24,17 @@ blocks of one sequence and KV head run side by side and share K/V in L2) and the
 (the last, heaviest causal blocks of each sequence first). Sequences with at most DEC_Q queries are
 left to the Triton decode launch, which writes their rows into this kernel's output in place.
 
-Partial blocks: a block's output leaves shared memory by TMA in power-of-two row pieces (64, 32,
-..., 1), so a block never writes the rows of the next sequence.
+Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
+groups; a sequence's first block computes up to 7 rows of the previous sequence and drops them).
+A block's output leaves shared memory by TMA in power-of-two row pieces (64, 32, ..., 1), so a
+block never writes another sequence's rows.
 
-Where it applies (``unsupported`` says why not otherwise): sm_90, the JAX versions it was run with
-(TESTED_JAX), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64 or 128, an
-even number of query heads per KV head, a page size that is a multiple of 8 and divides or is a
-multiple of the key tile. Everything else (float32, float8 caches, MHA, head_dim 256, ...) runs
-the Triton prefill tiles.
+Opt-in (``implementation="mosaic"``, docs/decisions.md): every bucket shape compiles its own kernel
+and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupported`` says why a
+call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
+lower it), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64 or 128, an
+even number of query heads per KV head, and a page size that is a multiple of 8 and divides or is
+a multiple of the 128-key tile.
 """
 
 from __future__ import annotations

@@ -22,6 +22,12 @@ class RaggedPagedAttentionError(ValueError, AssertionError):
     """
 
 
+class MosaicFallbackWarning(UserWarning):
+    """implementation="mosaic" on a call the Mosaic GPU prefill cannot serve: that call's prefill
+    runs in the Triton kernels (the message says why). Escalate it with ``warnings.simplefilter(
+    "error", MosaicFallbackWarning)`` to make such a call raise instead."""
+
+
 QUERY_DTYPES = ("float32", "bfloat16", "float16")
 KV_DTYPES = QUERY_DTYPES + ("float8_e4m3fn",)
 COMPUTE_DTYPES = QUERY_DTYPES
