@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from .api import ragged_page_attention_v2
+from .api import host_scalar, ragged_page_attention_v2
 from .reference import sink_logits
 from .validate import RaggedPagedAttentionError, check_static, check_values, is_concrete
 
@@ -70,15 +70,6 @@ def _implementation(mesh: Mesh, requested: str) -> str:
     dev = mesh.devices.flat[0]
     cuda = dev.platform == "gpu" and "rocm" not in dev.client.platform_version.lower()
     return "triton" if cuda else "xla"
-
-
-def _scalar_arg(x):
-    # Python numbers become host scalars: jit arguments, so a new value never recompiles.
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return np.asarray(x, np.int32)
-    if isinstance(x, (float, np.floating)):
-        return np.asarray(x, np.float32)
-    return x
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "options"))
@@ -161,10 +152,11 @@ def sharded_ragged_page_attention_v2(
     if "compute_dtype" in options:
         options["compute_dtype"] = jnp.dtype(options["compute_dtype"])
     options["implementation"] = _implementation(mesh, options.get("implementation", "auto"))
-    extras = {k: _scalar_arg(v) for k, v in
+    # Python numbers become host scalars (jit arguments: a new value never recompiles).
+    extras = {k: host_scalar(v, np.float32) for k, v in
               (("softmax_aux", softmax_aux), ("k_scale", k_scale), ("v_scale", v_scale)) if v is not None}
     return _sharded_attention(queries, kv_pages, context_lens, block_tables, query_start_loc,
-                              _scalar_arg(num_seqs), extras, mesh=mesh, axis_name=axis_name,
+                              host_scalar(num_seqs, np.int32), extras, mesh=mesh, axis_name=axis_name,
                               options=tuple(sorted(options.items())))
 
 
@@ -217,7 +209,7 @@ def sharded_write_kv_pages(
     _check_heads("sharded_write_kv_pages", axis_name, n, None, kv_pages.shape[2] // 2)
     if check_inputs and is_concrete(slot_mapping):
         check_write_values(slot_mapping, kv_pages.shape[0] * kv_pages.shape[1])
-    extras = {k: _scalar_arg(v) for k, v in (("k_scale", k_scale), ("v_scale", v_scale)) if v is not None}
+    extras = {k: host_scalar(v, np.float32) for k, v in (("k_scale", k_scale), ("v_scale", v_scale)) if v is not None}
     options["implementation"] = _implementation(mesh, options.get("implementation", "auto"))
     return _sharded_write(kv_pages, keys, values, slot_mapping, extras, mesh=mesh, axis_name=axis_name,
                           options=tuple(sorted(options.items())))
