@@ -100,12 +100,19 @@ def run(name: str, batch: Batch, compute_dtype: str | None = "case", index_dtype
     if name in ("xla", "jax-triton"):
         return _run_jax(batch, compute_dtype, "xla" if name == "xla" else "triton", kwargs)
     if name == "jax-mosaic":
-        reason = mosaic_unsupported(batch, kwargs.get("compute_dtype", compute_dtype))
+        knobs = any(kwargs.get(k) is not None for k in ("num_queries_per_block", "num_kv_pages_per_block"))
+        reason = mosaic_unsupported(batch, kwargs.get("compute_dtype", compute_dtype), knobs)
         if reason:
             import pytest
 
             pytest.skip(reason)
-        return _run_jax(batch, compute_dtype, "mosaic", kwargs)
+        import warnings
+
+        import ragged_paged_attention as rpa
+
+        with warnings.catch_warnings():  # the Mosaic kernel must have run: a fallback fails the test
+            warnings.simplefilter("error", rpa.MosaicFallbackWarning)
+            return _run_jax(batch, compute_dtype, "mosaic", kwargs)
     if name in ("interpret", "torch-cuda"):
         return _run_torch(batch, compute_dtype, "cpu" if name == "interpret" else "cuda", kwargs)
     raise KeyError(name)
@@ -117,7 +124,7 @@ def native_dtype(name: str) -> str:
     return "bfloat16" if name == "jax-mosaic" else "float32"
 
 
-def mosaic_unsupported(batch: Batch, compute_dtype) -> str | None:
+def mosaic_unsupported(batch: Batch, compute_dtype, tile_knobs: bool = False) -> str | None:
     """Why implementation="mosaic" cannot serve this batch (None when it can)."""
     from ragged_paged_attention import jax_launch, mosaic_prefill
     from ragged_paged_attention.validate import dtype_name
@@ -127,7 +134,7 @@ def mosaic_unsupported(batch: Batch, compute_dtype) -> str | None:
     return mosaic_prefill.unsupported(
         arch=arch, q_dtype=dtype_name(batch.queries.dtype), kv_dtype=dtype_name(batch.kv_pages.dtype),
         compute_dtype=dtype_name(compute_dtype or "bfloat16"), head_dim=case.head_dim,
-        group=case.num_q_heads // case.num_kv_heads, page_size=case.page_size)
+        group=case.num_q_heads // case.num_kv_heads, page_size=case.page_size, tile_knobs=tile_knobs)
 
 
 def _run_jax(batch: Batch, compute_dtype, implementation: str, kwargs) -> Result:

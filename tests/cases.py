@@ -237,6 +237,10 @@ BASE_CASES = [
     _c("page_size_1", [(1, 23), (5, 9), (2, 2)], page_size=1),
     _c("page_size_64", [(1, 130), (5, 64), (3, 65)], page_size=64),
     _c("page_size_64_big", [(1, 1000), (70, 200), (1, 128)], page_size=64, interpret=False),
+    # pages of a whole 128-key tile and larger; a window wide enough for unmasked tiles inside it
+    _c("page_size_128_window", [(200, 1500), (70, 700), (1, 900)], page_size=128, sliding_window=400,
+       interpret=False),
+    _c("page_size_256", [(100, 600), (9, 300), (1, 40)], page_size=256, interpret=False),
     # many sequences in a batch, a single long one
     _c("many_seqs", [((i % 3), 5 + 7 * i) for i in range(24)], extra_seq_slots=5, interpret=False),
     _c("long_context", [(1, 4100), (8, 2049)], page_size=16, interpret=False),

@@ -115,7 +115,8 @@ def test_sink_table():
     assert (none[:, 0] == mp.NEG).all() and (none[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("what", ["float32", "mha", "head_dim_80", "page_size_4", "fp8", "compute_float32"])
+@pytest.mark.parametrize("what", ["float32", "mha", "head_dim_80", "page_size_4", "fp8", "compute_float32",
+                                  "tile_knobs"])
 def test_mosaic_falls_back_to_triton_saying_why(what):
     """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
     that names the reason (on any JAX: outside TESTED_JAX the version is the reason)."""
@@ -125,14 +126,16 @@ def test_mosaic_falls_back_to_triton_saying_why(what):
     kw = dict(h=8, kvh=2, d=64, page=16, q="bfloat16", kv="bfloat16", compute="bfloat16")
     kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha": dict(kvh=8),
                "head_dim_80": dict(d=80), "page_size_4": dict(page=4), "fp8": dict(kv="float8_e4m3fn"),
-               "compute_float32": dict(compute="float32")}[what])
+               "compute_float32": dict(compute="float32"), "tile_knobs": {}}[what])
     dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
     reason = {"float32": "all bfloat16", "mha": "even group size", "head_dim_80": "head_dim 64 and 128",
-              "page_size_4": "multiple of 8", "fp8": "all bfloat16", "compute_float32": "all bfloat16"}[what]
+              "page_size_4": "multiple of 8", "fp8": "all bfloat16", "compute_float32": "all bfloat16",
+              "tile_knobs": "num_queries_per_block"}[what]
     if not _tested_jax():
         reason = "is not a version the Mosaic GPU prefill was run with"
     with pytest.warns(rpa.MosaicFallbackWarning, match=reason):
-        assert prefill_kernel("mosaic", dims, kw["q"], kw["kv"], kw["compute"], arch=90) == "triton"
+        assert prefill_kernel("mosaic", dims, kw["q"], kw["kv"], kw["compute"], arch=90,
+                              tile_knobs=what == "tile_knobs") == "triton"
     with pytest.warns(rpa.MosaicFallbackWarning, match="sm_90|version"):
         prefill_kernel("mosaic", Dims(64, 8, 64, 32, 16, 2, 4, 8), "bfloat16", "bfloat16", "bfloat16", arch=80)
 

@@ -37,7 +37,7 @@ def use_triton(implementation: str) -> bool:
 
 
 def prefill_kernel(implementation: str, dims: Dims, q_dtype: str, kv_dtype: str, compute_dtype: str,
-                   arch: int) -> str:
+                   arch: int, tile_knobs: bool = False) -> str:
     """'mosaic' (the Pallas Mosaic GPU prefill, mosaic_prefill.py) or 'triton' for the prefill tiles
     of a GPU call. Only implementation="mosaic" takes Mosaic, where it can serve the call (elsewhere
     a MosaicFallbackWarning says why and the Triton prefill runs); "auto" and "triton" run the
@@ -49,7 +49,8 @@ def prefill_kernel(implementation: str, dims: Dims, q_dtype: str, kv_dtype: str,
     from . import mosaic_prefill
 
     why = mosaic_prefill.unsupported(arch=arch, q_dtype=q_dtype, kv_dtype=kv_dtype, compute_dtype=compute_dtype,
-                                     head_dim=dims.head_dim, group=dims.group_size, page_size=dims.page_size)
+                                     head_dim=dims.head_dim, group=dims.group_size, page_size=dims.page_size,
+                                     tile_knobs=tile_knobs)
     if why is not None:
         warnings.warn(f"implementation='mosaic': this call's prefill runs in the Triton kernels: {why}",
                       MosaicFallbackWarning, stacklevel=2)
@@ -133,7 +134,7 @@ def ragged_page_attention_v2(
       num_warps, num_stages: Triton launch parameters (ignored by the pure-JAX path).
       k_scale, v_scale: per-tensor dequantisation scales of a float8_e4m3fn cache (default 1).
       implementation: "auto" (the Triton kernels on NVIDIA GPUs, pure JAX elsewhere), "triton",
-        "mosaic" (the prefill tiles in Pallas Mosaic GPU, the decode in Triton: Hopper, jax 0.11.x,
+        "mosaic" (the prefill tiles in Pallas Mosaic GPU, the decode in Triton: Hopper, jax 0.11.2+,
         bf16/fp16, head_dim 64/128, even group size; a call it cannot serve runs the Triton
         prefill with a MosaicFallbackWarning saying why; README: "The Mosaic GPU prefill") or
         "xla" (pure JAX).
@@ -198,8 +199,9 @@ def _attention(queries, kv_pages, context_lens, block_tables, query_start_loc, n
         from . import jax_launch
 
         sms, kind, arch = jax_launch.device_info()
+        tile_knobs = num_queries_per_block is not None or num_kv_pages_per_block is not None
         prefill = prefill_kernel(gpu, dims, dtype_name(queries.dtype), dtype_name(kv_pages.dtype), compute_dtype,
-                                 arch)
+                                 arch, tile_knobs=tile_knobs)
         plan = plan_for_arrays(
             queries, kv_pages, context_lens, block_tables, softmax_aux, num_sms=sms, device_kind=kind,
             compute_dtype=compute_dtype, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,

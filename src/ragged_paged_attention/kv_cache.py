@@ -67,7 +67,7 @@ def write_kv_pages(
     *,
     k_scale: float | Float[Array, ""] | None = None,
     v_scale: float | Float[Array, ""] | None = None,
-    implementation: Literal["auto", "triton", "xla"] = "auto",
+    implementation: Literal["auto", "triton", "mosaic", "xla"] = "auto",
     check_inputs: bool = True,
 ) -> Float[Array, "num_pages page_size two_num_kv_heads head_dim"]:
     """Write new keys and values into the interleaved paged cache; returns the updated cache.
@@ -89,7 +89,8 @@ def write_kv_pages(
         jit, which one lands is unspecified; concrete inputs are rejected).
       k_scale, v_scale: per-tensor quantisation scales of a float8_e4m3fn cache (default 1.0);
         Python floats or float32 scalars (may be traced).
-      implementation: "auto" (Triton on NVIDIA GPUs, pure JAX elsewhere), "triton" or "xla".
+      implementation: "auto" (Triton on NVIDIA GPUs, pure JAX elsewhere), "triton" or "xla";
+        "mosaic" (the attention's option) writes with the Triton kernel, like "triton".
       check_inputs: check slot values (in range, unique) when slot_mapping is concrete. Traced
         calls skip it and drop out-of-range slots instead of writing them.
 

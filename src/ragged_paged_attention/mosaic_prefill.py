@@ -8,10 +8,13 @@ One CUDA block per (query-block slot, pair of query heads of one KV head), three
   the block's visible key range are never read: their copies take the out-of-bounds page id
   num_pages and arrive as zeros. The one page that holds a sequence's last key is copied from a
   start shifted back so that it ends with the 8-row group of that key: the slots past kv_len
-  (which may hold anything, NaN included) are not read beyond that group, the shifted-in rows are
-  out-of-bounds zeros (page >= tile) or earlier keys of the same page (tile < page), the mask
-  knows each row's true position, and the consumers zero the <= 7 V rows past kv_len in that
-  group in shared memory before P V (0 x NaN would reach the output).
+  (which may hold anything, NaN included) are not read beyond that group; the shifted-in rows are
+  out-of-bounds zeros (a negative slot start: the unit is the first of its page) or earlier keys of
+  the same page (a later unit of a page larger than the tile); the mask knows each row's true
+  position, and the consumers zero the <= 7 V rows past kv_len in that group in shared memory
+  before P V (0 x NaN would reach the output). Keys before the window are skipped by whole copy
+  units only: a unit that holds the window's first key is read whole, so the earlier keys of that
+  live page (finite data a server wrote, never freed) sit in shared memory with weight 0.
 - two consumer warpgroups (232 registers each) take the same 64 query tokens of two query heads of
   that KV head (both read every K/V tile once), compute S = Q K^T and O += P V on the matrix units
   (wgmma) with an online softmax in the log2 domain, and take turns on the matrix units through a
@@ -61,14 +64,31 @@ def _jax_version() -> tuple[int, ...]:
     return tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 
+def _cuda_runtime() -> int | None:
+    """The CUDA runtime version JAX's CUDA plugin reports (12080 = 12.8), None without one."""
+    try:
+        from jax._src.lib import cuda_versions
+        return None if cuda_versions is None else int(cuda_versions.cuda_runtime_get_version())
+    except Exception:  # no CUDA plugin (CPU lowering), or a JAX without this private module
+        return None
+
+
 def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, head_dim: int,
-                group: int, page_size: int) -> str | None:
-    """Why the Mosaic GPU prefill cannot serve a call (None when it can)."""
+                group: int, page_size: int, tile_knobs: bool = False) -> str | None:
+    """Why the Mosaic GPU prefill cannot serve a call (None when it can). tile_knobs: the call set
+    num_queries_per_block or num_kv_pages_per_block, tile shapes only the Triton prefill takes."""
     lo, hi = TESTED_JAX
     if not lo <= _jax_version() < hi:
         return f"jax {jax.__version__} is not a version the Mosaic GPU prefill was run with ({lo} <= v < {hi})"
     if arch != 90:
         return f"the Mosaic GPU prefill is built for sm_90 (Hopper), this GPU is sm_{arch}"
+    cuda = _cuda_runtime()
+    if cuda is not None and 12080 <= cuda < 12091:
+        # jax 0.11.2's own Mosaic GPU attention refuses causal masks on these: a ptxas miscompilation.
+        return f"CUDA runtime {cuda} (12.8.0 <= v < 12.9.1) miscompiles masked wgmma kernels (ptxas)"
+    if tile_knobs:
+        return ("num_queries_per_block / num_kv_pages_per_block set the Triton prefill tile; the Mosaic "
+                "GPU prefill has one tile (64 tokens x 2 heads, 128 keys)")
     if not (q_dtype == kv_dtype == compute_dtype and q_dtype in ("bfloat16", "float16")):
         return ("the Mosaic GPU prefill needs queries, kv_pages and compute_dtype all bfloat16 or all "
                 f"float16, got {q_dtype}, {kv_dtype}, {compute_dtype}")
@@ -166,6 +186,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     cu = min(page_size, block_kv)          # rows per TMA copy
     units = block_kv // cu                 # copies per K (and V) tile
     group = num_q_heads // num_kv_heads
+    if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
+        window = min(window, pages_per_seq * page_size + 1)
     if soft_cap is None:
         qk_scale = sm_scale * LOG2E
     else:
@@ -365,6 +387,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         # The unit holding the last key: shifted back so that it ends with the
                         # 8-row group of that key (copies move whole 8-row groups); the <= 7 slots
                         # past kv_len in that group are zeroed in shared memory by the consumers.
+                        # The start is a multiple of 8, negative for the first unit of a page (those
+                        # rows arrive as out-of-bounds zeros: Mosaic splits the index into 8-row
+                        # groups with unsigned division, exact while it is a multiple of 8).
                         start = ks % page_size + jnp.where(part < cu, ((part + 7) & ~7) - cu, 0)
                         plgpu.copy_gmem_to_smem(
                             kv_ref.at[page, pl.ds(start, cu), 2 * kvh + which],
