@@ -28,7 +28,8 @@ serve ``--traffic decode-heavy`` and ``prefill-heavy`` request mixes (both by de
 step for both).
 
 The attention share is measured with the JAX profiler when the Triton kernels run (device time of
-rpa_kernel / rpa_reduce_kernel over all kernels, in a window of steps of the real run); the
+rpa_kernel / rpa_reduce_kernel, and rpa_mosaic_prefill with ``--implementation mosaic``, over all
+kernels, in a window of steps of the real run); the
 pure-JAX path has no kernels to name in a trace, so there each step is re-run and then its
 attention calls alone, back to back, as the report says.
 """
@@ -87,6 +88,7 @@ class Config:
     max_seq_len: int = 0         # longest sequence a block table holds (0: max_prompt + max_new)
     # the run
     tp: int = 1                  # devices of the tensor-parallel mesh
+    implementation: str = "auto"  # of every attention call and cache write ("mosaic": the opt-in prefill)
     steps: int = 0               # stop serving after this many steps (0: when every request is done)
     check: int = -1              # requests checked against dense attention (-1: all; else the shortest)
     profile_from: int = 32       # first step of the profiled window (Triton path)
@@ -241,8 +243,9 @@ def paged_step(cfg: Config, params, caches, packed):
     new_caches = []
     for layer, cache in zip(params["layers"], caches):
         q, k, v = _qkv(cfg, layer, x, positions)
-        cache = write_kv_pages(cache, k, v, slots)
-        attn = ragged_page_attention_v2(q, cache, ctx, bt, qsl, num_seqs, compute_dtype=jnp.dtype(cfg.dtype))
+        cache = write_kv_pages(cache, k, v, slots, implementation=cfg.implementation)
+        attn = ragged_page_attention_v2(q, cache, ctx, bt, qsl, num_seqs, compute_dtype=jnp.dtype(cfg.dtype),
+                                        implementation=cfg.implementation)
         x = _finish_layer(layer, x, attn, functools.partial(jax.lax.psum, axis_name="tp"))
         new_caches.append(cache)
     last = jnp.maximum(qsl[1:] - 1, 0)                                       # last token of each row
@@ -459,7 +462,7 @@ def serve(engine: Engine, cfg: Config, requests: list[Request], progress: bool =
 # --- where the time goes ----------------------------------------------------------------------------
 
 # Kernel name fragments (lower case) -> category; our Triton kernels keep their function names.
-KERNEL_KINDS = (("attention", ("rpa_kernel", "rpa_reduce_kernel")), ("KV write", ("write_kv_kernel",)),
+KERNEL_KINDS = (("attention", ("rpa_kernel", "rpa_reduce_kernel", "rpa_mosaic_prefill")), ("KV write", ("write_kv_kernel",)),
                 ("all-reduce", ("nccl", "allreduce", "all_reduce")),
                 ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "dot")),
                 ("copy", ("memcpy", "memset", "copy")))
@@ -499,7 +502,8 @@ def rerun_attention_share(engine: Engine, stats: Stats) -> float:
     so that both see the same machine load; total attention time over total step time."""
     cfg, mesh = engine.cfg, engine.mesh
     fn = jax.jit(lambda q, c, ctx, bt, qsl, ns: sharded_ragged_page_attention_v2(
-        mesh, "tp", q, c, ctx, bt, qsl, ns, compute_dtype=cfg.dtype, check_inputs=False))
+        mesh, "tp", q, c, ctx, bt, qsl, ns, compute_dtype=cfg.dtype, check_inputs=False,
+        implementation=cfg.implementation))
     q_host = np.random.default_rng(1).standard_normal((cfg.max_tokens, cfg.q_heads, cfg.head_dim), np.float32)
     q_host = q_host.astype(cfg.dtype)
     q = jax.make_array_from_callback(q_host.shape, NamedSharding(mesh, P(None, "tp", None)), lambda i: q_host[i])
@@ -610,8 +614,10 @@ def parse_args(argv):
     p.add_argument("--process-id", type=int, help=argparse.SUPPRESS)     # set by the --processes launcher
     p.add_argument("--coordinator", help=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                       metavar="X" if isinstance(f.default, (float, str)) else "N", help=f"default {f.default}")
+        choices = ("auto", "triton", "mosaic", "xla") if f.name == "implementation" else None
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, choices=choices,
+                       metavar=None if choices else "X" if isinstance(f.default, (float, str)) else "N",
+                       help=f"default {f.default}")
     a = p.parse_args(argv)
     preset, traffics = PRESETS[a.preset]
     names = a.traffic.split(",") if a.traffic else list(traffics)
@@ -693,7 +699,7 @@ def main(argv=None) -> int:
         print(f"--tp {cfg.tp} needs {cfg.tp} devices, JAX has {jax.device_count()} (on CPU: "
               f"XLA_FLAGS=--xla_force_host_platform_device_count={cfg.tp})", file=sys.stderr)
         return 2
-    triton = jax.default_backend() == "gpu"  # what implementation="auto" picks (NVIDIA GPUs)
+    triton = jax.default_backend() == "gpu" and cfg.implementation != "xla"  # the GPU kernels run
     profile = a.attention_share == "profiler" or (a.attention_share == "auto" and triton)
     mesh = make_mesh(cfg.tp)
     procs = f", {jax.process_count()} processes (jax.distributed)" if jax.process_count() > 1 else ""
@@ -795,7 +801,7 @@ def report(preset, traffic, cfg: Config, requests, stats: Stats, compilations: i
         say(f"  {k:<{width}}  {v}")
     if stats.kernel_s is not None:
         say(f"  (profiler: device time of each kernel in steps {stats.window[0]}-{stats.window[1]}, from a "
-            "jax.profiler trace of\n   the run; attention = rpa_kernel + rpa_reduce_kernel over all kernels; "
+            "jax.profiler trace of\n   the run; attention = rpa_kernel + rpa_reduce_kernel (+ rpa_mosaic_prefill) over all kernels; "
             "time per step and throughput\n   leave those steps out)")
     elif rerun_share is not None:
         say("  (attention share: each step was re-run, then its attention calls alone (one jitted call per\n"

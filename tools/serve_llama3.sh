@@ -7,7 +7,8 @@
 # GPU each joined by jax.distributed (--processes n); every run serves both request mixes
 # (decode-heavy, prefill-heavy) with one compiled step. Expect 1.5-2 minutes per run (start-up and
 # compilation are most of it), so about 4 minutes per GPU count; RUN_TIMEOUT (default 300 s) caps
-# each run; DEMO_ARGS adds demo options to every run (e.g. "--steps 400", or a smaller model for a
+# each run; DEMO_ARGS adds demo options to every run (e.g. "--steps 400", "--implementation mosaic"
+# for the opt-in Mosaic GPU prefill, or a smaller model for a
 # dry run on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=4).
 #
 # Writes to $OUT (a temporary folder if unset), at most 7 files: llama3_<n>gpu_<mode>.log per run,
