@@ -129,3 +129,22 @@ def test_write_plan_sizes_are_run_time():
     key = lambda p: compile_key(p.launches[0], ("bfloat16",) * 6 + ("bfloat16",), 90)  # noqa: E731
     assert key(a) == key(b)
     assert a.launches[0].inputs[0] == a.launches[0].outputs[0] == "kv_pages", "the cache is written in place"
+
+
+def test_mosaic_prefill_replaces_only_the_first_launch():
+    """prefill="mosaic": the first launch is the Mosaic GPU kernel over (head pairs, 64-token slots);
+    the decode and merge launches are the Triton plan's, unchanged."""
+    from ragged_paged_attention.plan import MOSAIC_BLOCK_Q, MOSAIC_PREFILL, mosaic_config
+
+    d = dims(512, 64)
+    triton, mosaic = plan_for(d), plan_for(d, prefill="mosaic", sliding_window=100, logits_soft_cap=30.0)
+    first = mosaic.launches[0]
+    assert first.kernel == MOSAIC_PREFILL and first.outputs == ("out",)
+    assert first.grid == (32 // 2, 512 // MOSAIC_BLOCK_Q + 64)
+    c = first.constexpr_dict
+    assert (c["WINDOW"], c["SOFT_CAP"], c["SINKS"], c["BLOCK_KV"]) == (100, 30.0, False, mosaic_config(128)[0])
+    assert mosaic.launches[1:] == plan_for(d, sliding_window=100, logits_soft_cap=30.0).launches[1:]
+    assert triton.launches[0].kernel == "rpa_kernel"
+    assert mosaic.buffers == triton.buffers and mosaic.result == "out"
+    with pytest.raises(ValueError, match="prefill must be"):
+        plan_for(d, prefill="cuda")

@@ -148,7 +148,6 @@ def run(plan: Plan, arrays: dict) -> jax.Array:
     return env[plan.result]
 
 
-
 def _mosaic_prefill(launch, env: dict) -> jax.Array:
     """The plan's first launch in Pallas Mosaic GPU (mosaic_prefill.py): its slot and sink tables
     (one small XLA fusion), then the kernel."""
