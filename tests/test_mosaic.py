@@ -25,7 +25,7 @@ from ragged_paged_attention.plan import MOSAIC_BLOCK_Q as BQ
 DEC_Q = 4
 
 
-def _model(qsl, ctx, num_seqs, t, s):
+def _model(qsl, num_seqs, t, s):
     """What the slot table must describe: {row: seq} of the prefill rows, the set of dead rows."""
     n = min(max(num_seqs, 0), s)
     first = min(max(qsl[0], 0), t)
@@ -44,7 +44,7 @@ def _check(qsl, ctx, num_seqs, t, s, width=64, page=16):
                                    jnp.asarray([num_seqs], jnp.int32), total_tokens=t, pages_per_seq=width,
                                    page_size=page, dec_q=DEC_Q))
     assert tab.shape == (t // BQ + s, mp.SLOT_COLUMNS)
-    want_rows, want_dead = _model(qsl, ctx, num_seqs, t, s)
+    want_rows, want_dead = _model(qsl, num_seqs, t, s)
     got_rows, got_dead = {}, []
     for seq, tok0, v0, n, kv_len, pos_off, za0, za_n, zb0, zb_n in tab.tolist():
         assert 0 <= za_n <= BQ and 0 <= zb_n <= BQ

@@ -146,8 +146,9 @@ def sink_table(sinks, num_q_heads: int):
     domain: (NEG, 0) without sinks; a -inf sink adds exp(-inf) = 0."""
     if sinks is None:
         return jnp.tile(jnp.array([[NEG, 0.0]], jnp.float32), (num_q_heads, 1))
-    m = jnp.maximum(sinks.astype(jnp.float32) * LOG2E, NEG)
-    return jnp.stack([m, jnp.exp2(sinks.astype(jnp.float32) * LOG2E - m)], axis=1)
+    s2 = sinks.astype(jnp.float32) * LOG2E
+    m = jnp.maximum(s2, NEG)
+    return jnp.stack([m, jnp.exp2(s2 - m)], axis=1)
 
 
 def _clamp(x, lo, hi):
