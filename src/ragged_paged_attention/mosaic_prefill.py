@@ -219,16 +219,18 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         # pid, pid + num_programs, ... (static round robin over a heaviest-first list).
         my_items = (jnp.maximum(n_items - pid, 0) + num_programs - 1) // num_programs
 
-        def is_work(k):
-            return work_ref[(pid + k * num_programs) // n_pairs, 0] >= 0
+        names = ("seq", "tok0", "v0", "n_rows", "kv_len", "pos_off", "za0", "za_n", "zb0", "zb_n", "hp")
 
-        def item(k):
-            """The k-th item of this block: its slot row's fields and its key tiles [t_lo, t_hi)."""
-            w = pid + k * num_programs
-            r = w // n_pairs
-            it = dict(hp=lax.rem(w, jnp.int32(n_pairs)), seq=work_ref[r, 0], tok0=work_ref[r, 1],
-                      v0=work_ref[r, 2], n_rows=work_ref[r, 3], kv_len=work_ref[r, 4], pos_off=work_ref[r, 5],
-                      za0=work_ref[r, 6], za_n=work_ref[r, 7], zb0=work_ref[r, 8], zb_n=work_ref[r, 9])
+        def fields(k):
+            """The work-list row and head pair of this block's k-th item (k clamped into the
+            block's items, so a look-ahead past the last item reads inside the list)."""
+            w = pid + jnp.minimum(k, jnp.maximum(my_items - 1, 0)) * num_programs
+            r = jnp.minimum(w // n_pairs, n_slots)
+            return tuple(work_ref[r, c] for c in range(SLOT_COLUMNS)) + (lax.rem(w, jnp.int32(n_pairs)),)
+
+        def item(vals):
+            """An item's fields by name, and its key tiles [t_lo, t_hi)."""
+            it = dict(zip(names, vals))
             it["work"] = it["seq"] >= 0
             # Positions of the block's first and last valid rows (rows before v0 are the previous
             # sequence's: computed, never stored, and they widen no key range).
@@ -265,24 +267,24 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             q_buf = q_smem.at[wg]
             o_buf = o_smem.at[wg]
 
-            def load_q(k):
-                """Start the copy of the Q block of this block's k-th item into q_buf."""
-                it = item(k)
+            def load_q(it):
+                """Start the copy of an item's Q block into q_buf."""
                 plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(it["tok0"], BLOCK_Q), 2 * it["hp"] + wg], q_buf,
                                         q_bar.at[wg])
 
-            def prefetch_next_q(k):
-                # Q of item k + 1 (if it is work) while item k's last tile finishes: q_buf is free
-                # once item k's last S = Q K^T is done.
-                @pl.when((k + 1 < my_items) & is_work(k + 1))
-                def _():
-                    load_q(k + 1)
-
-            def run_item(k, g):
-                it = item(k)
+            def run_item(k, carry):
+                g, vals, prev_work = carry
+                it = item(vals)
+                nxt = item(fields(k + 1))    # read now, used at the item's end: the loads' latency hides
+                next_work = (k + 1 < my_items) & nxt["work"]
                 head = 2 * it["hp"] + wg
                 tok0, v0, kv_len, pos_off = it["tok0"], it["v0"], it["kv_len"], it["pos_off"]
                 t_lo, n_tiles = it["t_lo"], it["n_tiles"]
+
+                def prefetch_next_q():
+                    # Q of the next item (if it is work) while this item's last tile finishes: q_buf
+                    # is free once this item's last S = Q K^T is done.
+                    pl.when(next_work)(lambda: load_q(nxt))
 
                 @pl.when(it["za_n"] + it["zb_n"] > 0)
                 def _zero_rows():
@@ -295,9 +297,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 @pl.when(it["work"])
                 def _attend():
                     # Q of item k was prefetched during item k - 1 when that was work too.
-                    @pl.when((k == 0) | jnp.logical_not(is_work(k - 1)))
-                    def _():
-                        load_q(k)
+                    pl.when(jnp.logical_not(prev_work))(lambda: load_q(it))
                     m0 = sink_ref[head, 0]
                     l0 = sink_ref[head, 1]
                     m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), m0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -311,7 +311,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
                     pl.when(wg == 1)(schedule_barrier)
 
-                    def step(t, carry, masked: bool):
+                    def step(t, carry, masked):
                         acc, m_i, l_i = carry
                         i = t - t_lo
                         slot = lax.rem(g + i, jnp.int32(stages))
@@ -323,15 +323,20 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
                         plgpu.barrier_arrive(k_used.at[slot])
 
-                        @pl.when(i == n_tiles - 1)
-                        def _():
-                            prefetch_next_q(k)
+                        pl.when(i == n_tiles - 1)(prefetch_next_q)
                         if soft_cap is not None:
                             s = _tanh(s * qk_scale) * (soft_cap * LOG2E)
                             scale = 1.0
                         else:
                             scale = qk_scale
-                        if masked:
+                        if masked == "causal":
+                            # a diagonal tile wholly below kv_len: the causal mask alone
+                            r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                            c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                            s = jnp.where(c <= r + (tok0 + pos_off - t * block_kv), s * scale, -jnp.inf)
+                            m_new = jnp.maximum(m_i, s.max(axis=1))
+                            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                        elif masked:
                             r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
                             c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
                             q_pos = r + (tok0 + pos_off)
@@ -366,7 +371,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         else:
                             end_softmax()
                             l_i = l_i + p.sum(axis=1)
-                        if masked:
+                        if masked is True:
                             zero_tail_values(t, slot)
 
                         def pv(acc_ref):
@@ -407,13 +412,17 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     f1 = jnp.minimum(t_hi, full_hi)
                     carry = lax.fori_loop(f0, f1, plain_step, carry)
                     e2 = jnp.maximum(f0, full_hi)
-                    carry = lax.fori_loop(e2, t_hi, masked_step, carry)
+                    if window is None:
+                        # diagonal tiles below kv_len // block_kv hold no key past kv_len, no shifted unit
+                        e3 = _clamp(kv_len // block_kv, e2, t_hi)
+                        carry = lax.fori_loop(e2, e3, functools.partial(step, masked="causal"), carry)
+                    else:
+                        e3 = e2
+                    carry = lax.fori_loop(e3, t_hi, masked_step, carry)
                     acc, m_i, l_i = carry
                     pl.when(wg == 0)(schedule_barrier)
 
-                    @pl.when(n_tiles == 0)
-                    def _():
-                        prefetch_next_q(k)
+                    pl.when(n_tiles == 0)(prefetch_next_q)
 
                     # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
                     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
@@ -422,17 +431,19 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     o_buf[...] = out
                     plgpu.commit_smem()
                     store_rows(o_buf, v0, tok0 + v0, it["n_rows"], head)
-                return g + n_tiles
+                return g + n_tiles, tuple(nxt[n] for n in names), it["work"]
 
-            lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+            lax.fori_loop(0, my_items, run_item, (jnp.int32(0), fields(0), jnp.bool_(False)))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            def run_item(k, g):
-                it = item(k)
+            def run_item(k, carry):
+                g, vals = carry
+                it = item(vals)
+                nxt = fields(k + 1)
                 kv_len, lo, t_lo, n_tiles = it["kv_len"], it["lo"], it["t_lo"], it["n_tiles"]
                 bt_row = bt_ref.at[_clamp(it["seq"], 0, bt_ref.shape[0] - 1)]
                 kvh = it["kvh"]
@@ -465,9 +476,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 def _(i):
                     issue(i, 0, k_smem, k_bar, k_used)
                     issue(i, 1, v_smem, v_bar, v_used)
-                return g + n_tiles
+                return g + n_tiles, nxt
 
-            lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+            lax.fori_loop(0, my_items, run_item, (jnp.int32(0), fields(0)))
 
     def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, work_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
