@@ -171,13 +171,14 @@ def work_list(slots):
     """int32 [n_slots + 1, SLOT_COLUMNS]: the slot table's rows that have work (a prefill block, or
     rows of no sequence to zero), last slot first (a causal sequence's heaviest blocks first), in
     rows [0, count); row n_slots holds count in column 0. The rows past count are never read."""
-    n = slots.shape[0]
     rev = slots[::-1]
     live = (rev[:, 0] >= 0) | (rev[:, 7] + rev[:, 9] > 0)
-    dest = jnp.where(live, jnp.cumsum(live.astype(jnp.int32)) - 1, n + 1)   # n + 1: dropped
-    out = jnp.zeros((n + 1, SLOT_COLUMNS), jnp.int32).at[:, 0].set(-1)
-    out = out.at[dest].set(rev, mode="drop")
-    return out.at[n, 0].set(jnp.sum(live.astype(jnp.int32)))
+    # A stable sort, not a scatter: jaxlib 0.11.2's GPU scatter fusion of this compaction read a
+    # byte before its input (compute-sanitizer, H200).
+    order = jnp.argsort(jnp.where(live, 0, 1), stable=True)
+    count = jnp.sum(live.astype(jnp.int32))
+    tail = jnp.zeros((1, SLOT_COLUMNS), jnp.int32).at[0, 0].set(count)
+    return jnp.concatenate([rev[order], tail])
 
 
 @functools.partial(jax.jit, static_argnames=(
