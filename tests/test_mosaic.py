@@ -65,9 +65,8 @@ def _check(qsl, ctx, num_seqs, t, s, width=64, page=16):
     assert sorted(got_dead) == sorted(want_dead), "each row of no sequence zeroed exactly once"
 
 
-def _random_batch(seed):
-    """(qsl, ctx, num_seqs, tokens, slots) of a random padded batch: decode and prefill sequences,
-    empty ones, dead slots, padding tokens before and after."""
+@pytest.mark.parametrize("seed", range(12))
+def test_slot_table_covers_every_row_once(seed):
     rng = np.random.default_rng(seed)
     s = int(rng.integers(1, 12))
     lens = rng.choice([0, 1, 3, 5, 8, 63, 64, 65, 130, 200], size=s)
@@ -77,28 +76,7 @@ def _random_batch(seed):
     qsl = np.concatenate([[0], np.cumsum(lens)]) + start
     t = int(qsl[-1] + rng.integers(0, 70))
     ctx = lens + rng.integers(0, 500, size=s)
-    return qsl.tolist(), ctx.tolist(), n, t, s
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_slot_table_covers_every_row_once(seed):
-    _check(*_random_batch(seed))
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_work_list_holds_every_slot_with_work_last_first(seed):
-    """The persistent kernel walks work_list rows [0, count) only: they must be exactly the slots
-    with a prefill block or rows to zero, last slot first (the heaviest causal blocks first)."""
-    qsl, ctx, n, t, s = _random_batch(seed)
-    tab = mp.slot_table(jnp.asarray(qsl, jnp.int32), jnp.asarray(ctx, jnp.int32), jnp.asarray([n], jnp.int32),
-                        total_tokens=t, pages_per_seq=64, page_size=16, dec_q=DEC_Q)
-    work = np.asarray(mp.work_list(tab))
-    tab = np.asarray(tab)
-    assert work.shape == (tab.shape[0] + 1, mp.SLOT_COLUMNS)
-    live = tab[(tab[:, 0] >= 0) | (tab[:, 7] + tab[:, 9] > 0)]
-    count = work[-1, 0]
-    assert count == len(live)
-    np.testing.assert_array_equal(work[:count], live[::-1])
+    _check(qsl.tolist(), ctx.tolist(), n, t, s)
 
 
 @pytest.mark.parametrize("kind", ["decreasing_qsl", "qsl_past_tokens", "num_seqs_past_slots", "negative"])

@@ -162,4 +162,4 @@ def _mosaic_prefill(launch, env: dict) -> jax.Array:
     sinks = sink_logits(env["sinks"], h, c["NUM_KV_HEADS"]) if c["SINKS"] else None
     return mp.prefill(queries, env["kv_pages"], block_tables, slots, mp.sink_table(sinks, h),
                       num_kv_heads=c["NUM_KV_HEADS"], page_size=c["PAGE_SIZE"], sm_scale=c["SM_SCALE"],
-                      soft_cap=c["SOFT_CAP"], window=c["WINDOW"], dec_q=c["DEC_Q"], num_programs=device_info()[0])
+                      soft_cap=c["SOFT_CAP"], window=c["WINDOW"], dec_q=c["DEC_Q"])

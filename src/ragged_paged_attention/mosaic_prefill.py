@@ -167,27 +167,12 @@ def _tanh(y):
     return jnp.where(y < 0, -t, t)
 
 
-def work_list(slots):
-    """int32 [n_slots + 1, SLOT_COLUMNS]: the slot table's rows that have work (a prefill block, or
-    rows of no sequence to zero), last slot first (a causal sequence's heaviest blocks first), in
-    rows [0, count); row n_slots holds count in column 0. The rows past count are never read."""
-    rev = slots[::-1]
-    live = (rev[:, 0] >= 0) | (rev[:, 7] + rev[:, 9] > 0)
-    # A stable sort, not a scatter: jaxlib 0.11.2's GPU scatter fusion of this compaction read a
-    # byte before its input (compute-sanitizer, H200).
-    order = jnp.argsort(jnp.where(live, 0, 1), stable=True)
-    count = jnp.sum(live.astype(jnp.int32))
-    tail = jnp.zeros((1, SLOT_COLUMNS), jnp.int32).at[0, 0].set(count)
-    return jnp.concatenate([rev[order], tail])
-
-
 @functools.partial(jax.jit, static_argnames=(
-    "num_kv_heads", "page_size", "sm_scale", "soft_cap", "window", "dec_q", "num_programs"))
+    "num_kv_heads", "page_size", "sm_scale", "soft_cap", "window", "dec_q"))
 def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: int, page_size: int,
-            sm_scale: float, soft_cap: float | None, window: int | None, dec_q: int, num_programs: int = 132):
+            sm_scale: float, soft_cap: float | None, window: int | None, dec_q: int):
     """Output [T, num_q_heads, head_dim] of the prefill blocks (rows of no sequence zeroed; rows of
-    decode sequences left for the decode launch). slots: slot_table(...); sink_ml: sink_table(...);
-    num_programs: the persistent grid (one block per SM: the GPU's SM count)."""
+    decode sequences left for the decode launch). slots: slot_table(...); sink_ml: sink_table(...)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -197,8 +182,6 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     num_pages = kv_pages.shape[0]
     pages_per_seq = block_tables.shape[1]
     n_slots = slots.shape[0]
-    work = work_list(slots)
-    n_pairs = num_q_heads // 2
     dtype = queries.dtype
     block_kv, stages = config(head_dim)
     cu = min(page_size, block_kv)          # rows per TMA copy
@@ -211,45 +194,34 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     else:
         qk_scale = sm_scale / soft_cap
 
-    def body(q_ref, kv_ref, bt_ref, work_ref, sink_ref, out_ref, scoped):
+    def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
         (q_smem, k_smem, v_smem, o_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
-        pid = lax.axis_index("cta")
+        hp = lax.axis_index("hp")
+        b = n_slots - 1 - lax.axis_index("slot")
         wg = lax.axis_index("wg")
-        n_items = work_ref[n_slots, 0] * n_pairs
-        # Work items (row of the work list, head pair), head pairs fastest: block pid takes items
-        # pid, pid + num_programs, ... (static round robin over a heaviest-first list).
-        my_items = (jnp.maximum(n_items - pid, 0) + num_programs - 1) // num_programs
-
-        names = ("seq", "tok0", "v0", "n_rows", "kv_len", "pos_off", "za0", "za_n", "zb0", "zb_n", "hp")
-
-        def fields(k):
-            """The work-list row and head pair of this block's k-th item (k clamped into the
-            block's items, so a look-ahead past the last item reads inside the list)."""
-            w = pid + jnp.minimum(k, jnp.maximum(my_items - 1, 0)) * num_programs
-            r = jnp.minimum(w // n_pairs, n_slots)
-            return tuple(work_ref[r, c] for c in range(SLOT_COLUMNS)) + (lax.rem(w, jnp.int32(n_pairs)),)
-
-        def item(vals):
-            """An item's fields by name, and its key tiles [t_lo, t_hi)."""
-            it = dict(zip(names, vals))
-            it["work"] = it["seq"] >= 0
-            # Positions of the block's first and last valid rows (rows before v0 are the previous
-            # sequence's: computed, never stored, and they widen no key range).
-            first_pos = it["tok0"] + it["v0"] + it["pos_off"]
-            last_pos = first_pos + it["n_rows"] - 1
-            hi = jnp.maximum(last_pos + 1, 0)
-            it["full_hi"] = jnp.maximum(first_pos + 1, 0) // block_kv
-            if window is not None:
-                it["lo"] = jnp.maximum(first_pos - window + 1, 0)
-                it["full_lo"] = (jnp.maximum(last_pos - window + 1, 0) + block_kv - 1) // block_kv
-            else:
-                it["lo"] = jnp.int32(0)
-                it["full_lo"] = jnp.int32(0)
-            it["t_lo"] = it["lo"] // block_kv
-            it["t_hi"] = (hi + block_kv - 1) // block_kv
-            it["n_tiles"] = jnp.where(it["work"], jnp.maximum(it["t_hi"] - it["t_lo"], 0), 0)
-            it["kvh"] = (2 * it["hp"]) // group
-            return it
+        kvh = (2 * hp) // group
+        seq = slot_ref[b, 0]
+        tok0 = slot_ref[b, 1]
+        v0 = slot_ref[b, 2]
+        n_rows = slot_ref[b, 3]
+        kv_len = slot_ref[b, 4]
+        pos_off = slot_ref[b, 5]
+        work = seq >= 0
+        # Positions of the block's first and last valid rows (rows before v0 are the previous
+        # sequence's: computed, never stored, and they widen no key range).
+        first_pos = tok0 + v0 + pos_off
+        last_pos = first_pos + n_rows - 1
+        hi = jnp.maximum(last_pos + 1, 0)
+        full_hi = jnp.maximum(first_pos + 1, 0) // block_kv
+        if window is not None:
+            lo = jnp.maximum(first_pos - window + 1, 0)
+            full_lo = (jnp.maximum(last_pos - window + 1, 0) + block_kv - 1) // block_kv
+        else:
+            lo = jnp.int32(0)
+            full_lo = jnp.int32(0)
+        t_lo = lo // block_kv
+        t_hi = (hi + block_kv - 1) // block_kv
+        n_tiles = t_hi - t_lo
 
         def schedule_barrier():
             plgpu.barrier_arrive(sched)
@@ -265,197 +237,148 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
+            head = 2 * hp + wg
             q_buf = q_smem.at[wg]
             o_buf = o_smem.at[wg]
+            za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
 
-            def load_q(it):
-                """Start the copy of an item's Q block into q_buf."""
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(it["tok0"], BLOCK_Q), 2 * it["hp"] + wg], q_buf,
-                                        q_bar.at[wg])
+            @pl.when(za_n + zb_n > 0)
+            def _zero_rows():
+                o_buf[...] = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), dtype), plgpu.Layout.WGMMA)
+                plgpu.commit_smem()
+                store_rows(o_buf, 0, za0, za_n, head)
+                store_rows(o_buf, 0, zb0, zb_n, head)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            def run_item(k, carry):
-                g, vals, prev_work = carry
-                it = item(vals)
-                nxt = item(fields(k + 1))    # read now, used at the item's end: the loads' latency hides
-                next_work = (k + 1 < my_items) & nxt["work"]
-                head = 2 * it["hp"] + wg
-                tok0, v0, kv_len, pos_off = it["tok0"], it["v0"], it["kv_len"], it["pos_off"]
-                t_lo, n_tiles = it["t_lo"], it["n_tiles"]
+            @pl.when(work)
+            def _attend():
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tok0, BLOCK_Q), head], q_buf, q_bar.at[wg])
+                m0 = sink_ref[head, 0]
+                l0 = sink_ref[head, 1]
+                m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), m0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), l0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+                plgpu.barrier_wait(q_bar.at[wg])
 
-                def prefetch_next_q():
-                    # Q of the next item (if it is work) while this item's last tile finishes: q_buf
-                    # is free once this item's last S = Q K^T is done.
-                    pl.when(next_work)(lambda: load_q(nxt))
+                @pl.when(n_tiles > 0)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[0])
 
-                @pl.when(it["za_n"] + it["zb_n"] > 0)
-                def _zero_rows():
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # o_buf's previous stores have read it
-                    o_buf[...] = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), dtype), plgpu.Layout.WGMMA)
-                    plgpu.commit_smem()
-                    store_rows(o_buf, 0, it["za0"], it["za_n"], head)
-                    store_rows(o_buf, 0, it["zb0"], it["zb_n"], head)
+                pl.when(wg == 1)(schedule_barrier)
 
-                @pl.when(it["work"])
-                def _attend():
-                    # Q of item k was prefetched during item k - 1 when that was work too.
-                    pl.when(jnp.logical_not(prev_work))(lambda: load_q(it))
-                    m0 = sink_ref[head, 0]
-                    l0 = sink_ref[head, 1]
-                    m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), m0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                    l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), l0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                    acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-                    plgpu.barrier_wait(q_bar.at[wg])
-
-                    @pl.when(n_tiles > 0)
-                    def _():
-                        plgpu.barrier_wait(k_bar.at[lax.rem(g, jnp.int32(stages))])
-
-                    pl.when(wg == 1)(schedule_barrier)
-
-                    def step(t, carry, masked):
-                        acc, m_i, l_i = carry
-                        i = t - t_lo
-                        slot = lax.rem(g + i, jnp.int32(stages))
-
-                        def qk(acc_ref):
-                            plgpu.wgmma(acc_ref, q_buf, k_smem.at[slot].transpose((1, 0)))
-                            schedule_barrier()
-                            return acc_ref[...]
-                        s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
-                        plgpu.barrier_arrive(k_used.at[slot])
-
-                        pl.when(i == n_tiles - 1)(prefetch_next_q)
-                        if soft_cap is not None:
-                            s = _tanh(s * qk_scale) * (soft_cap * LOG2E)
-                            scale = 1.0
-                        else:
-                            scale = qk_scale
-                        if masked == "causal":
-                            # a diagonal tile wholly below kv_len: the causal mask alone
-                            r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                            c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                            s = jnp.where(c <= r + (tok0 + pos_off - t * block_kv), s * scale, -jnp.inf)
-                            m_new = jnp.maximum(m_i, s.max(axis=1))
-                            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                        elif masked:
-                            r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                            c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                            q_pos = r + (tok0 + pos_off)
-                            jj = c & (cu - 1)
-                            ks = t * block_kv + (c - jj)          # first key of the column's copy unit
-                            part = kv_len - ks
-                            # the unit holding the last key came in shifted (see the producer)
-                            shift = jnp.where((part > 0) & (part < cu), cu - ((part + 7) & ~7), 0)
-                            k_pos = ks + jj - shift
-                            ok = (jj >= shift) & (k_pos < kv_len) & (k_pos <= q_pos)
-                            if window is not None:
-                                ok = ok & (k_pos > q_pos - window)
-                            s = jnp.where(ok, s * scale, -jnp.inf)
-                            m_new = jnp.maximum(m_i, s.max(axis=1))
-                            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                        else:
-                            m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
-                            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                        alpha = jnp.exp2(m_i - m_new)
-                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                        l_i = l_i * alpha
-                        p16 = p.astype(dtype)
-
-                        def end_softmax():
-                            plgpu.barrier_arrive(sched)
-                            plgpu.barrier_wait(v_bar.at[slot])
-                            plgpu.barrier_wait(sched)
-                        if head_dim <= 128:
-                            l_i = l_i + p.sum(axis=1)
-                            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                            end_softmax()
-                        else:
-                            end_softmax()
-                            l_i = l_i + p.sum(axis=1)
-                        if masked is True:
-                            zero_tail_values(t, slot)
-
-                        def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                            nxt = i + 1
-
-                            @pl.when(nxt < n_tiles)
-                            def _():
-                                plgpu.barrier_wait(k_bar.at[lax.rem(g + nxt, jnp.int32(stages))])
-                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                        plgpu.barrier_arrive(v_used.at[slot])
-                        return acc, m_new, l_i
-
-                    def zero_tail_values(t, slot):
-                        """Zero the V rows past kv_len in the 8-row group of the last key (they may
-                        hold anything, NaN included, and 0 x NaN would reach the output)."""
-                        last = kv_len - 1 - t * block_kv                    # the last key's row in the tile
-                        end = (last // cu) * cu + cu                          # end of its (shifted) unit
-                        junk = ((kv_len + 7) & ~7) - kv_len                   # slots past kv_len copied in
-                        for h in range(block_kv // BLOCK_Q):
-                            @pl.when((junk > 0) & (last >= 0) & (last < block_kv) & ((end - 1) // BLOCK_Q == h))
-                            def _():
-                                win = v_smem.at[slot, pl.ds(h * BLOCK_Q, BLOCK_Q)]
-                                vals = win[...]
-                                r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, head_dim), 0,
-                                                           layout=plgpu.Layout.WGMMA) + h * BLOCK_Q
-                                win[...] = jnp.where((r >= end - junk) & (r < end), jnp.zeros_like(vals), vals)
-                                plgpu.commit_smem()
-
-                    masked_step = functools.partial(step, masked=True)
-                    plain_step = functools.partial(step, masked=False)
-                    carry = (acc, m_i, l_i)
-                    t_hi, full_lo, full_hi = it["t_hi"], it["full_lo"], it["full_hi"]
-                    # Tiles below the window's edge, full tiles, then the causal diagonal: masks only on edges.
-                    e1 = jnp.minimum(t_hi, full_lo)
-                    carry = lax.fori_loop(t_lo, e1, masked_step, carry)
-                    f0 = jnp.maximum(t_lo, full_lo)
-                    f1 = jnp.minimum(t_hi, full_hi)
-                    carry = lax.fori_loop(f0, f1, plain_step, carry)
-                    e2 = jnp.maximum(f0, full_hi)
-                    if window is None:
-                        # diagonal tiles below kv_len // block_kv hold no key past kv_len, no shifted unit
-                        e3 = _clamp(kv_len // block_kv, e2, t_hi)
-                        carry = lax.fori_loop(e2, e3, functools.partial(step, masked="causal"), carry)
-                    else:
-                        e3 = e2
-                    carry = lax.fori_loop(e3, t_hi, masked_step, carry)
+                def step(t, carry, masked: bool):
                     acc, m_i, l_i = carry
-                    pl.when(wg == 0)(schedule_barrier)
+                    i = t - t_lo
+                    slot = lax.rem(i, jnp.int32(stages))
 
-                    pl.when(n_tiles == 0)(prefetch_next_q)
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_buf, k_smem.at[slot].transpose((1, 0)))
+                        schedule_barrier()
+                        return acc_ref[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+                    plgpu.barrier_arrive(k_used.at[slot])
+                    if soft_cap is not None:
+                        s = _tanh(s * qk_scale) * (soft_cap * LOG2E)
+                        scale = 1.0
+                    else:
+                        scale = qk_scale
+                    if masked:
+                        r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                        c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                        q_pos = r + (tok0 + pos_off)
+                        jj = c & (cu - 1)
+                        ks = t * block_kv + (c - jj)          # first key of the column's copy unit
+                        part = kv_len - ks
+                        # the unit holding the last key came in shifted (see the producer)
+                        shift = jnp.where((part > 0) & (part < cu), cu - ((part + 7) & ~7), 0)
+                        k_pos = ks + jj - shift
+                        ok = (jj >= shift) & (k_pos < kv_len) & (k_pos <= q_pos)
+                        if window is not None:
+                            ok = ok & (k_pos > q_pos - window)
+                        s = jnp.where(ok, s * scale, -jnp.inf)
+                        m_new = jnp.maximum(m_i, s.max(axis=1))
+                        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    else:
+                        m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+                        p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    alpha = jnp.exp2(m_i - m_new)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l_i = l_i * alpha
+                    p16 = p.astype(dtype)
 
-                    # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
-                    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-                    out = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # o_buf's previous stores have read it
-                    o_buf[...] = out
-                    plgpu.commit_smem()
-                    store_rows(o_buf, v0, tok0 + v0, it["n_rows"], head)
-                return g + n_tiles, tuple(nxt[n] for n in names), it["work"]
+                    def end_softmax():
+                        plgpu.barrier_arrive(sched)
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        plgpu.barrier_wait(sched)
+                    if head_dim <= 128:
+                        l_i = l_i + p.sum(axis=1)
+                        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                        end_softmax()
+                    else:
+                        end_softmax()
+                        l_i = l_i + p.sum(axis=1)
+                    if masked:
+                        zero_tail_values(t, slot)
 
-            lax.fori_loop(0, my_items, run_item, (jnp.int32(0), fields(0), jnp.bool_(False)))
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        nxt = i + 1
+
+                        @pl.when(nxt < n_tiles)
+                        def _():
+                            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_used.at[slot])
+                    return acc, m_new, l_i
+
+                def zero_tail_values(t, slot):
+                    """Zero the V rows past kv_len in the 8-row group of the last key (they may
+                    hold anything, NaN included, and 0 x NaN would reach the output)."""
+                    last = kv_len - 1 - t * block_kv                    # the last key's row in the tile
+                    end = (last // cu) * cu + cu                          # end of its (shifted) unit
+                    junk = ((kv_len + 7) & ~7) - kv_len                   # slots past kv_len copied in
+                    for h in range(block_kv // BLOCK_Q):
+                        @pl.when((junk > 0) & (last >= 0) & (last < block_kv) & ((end - 1) // BLOCK_Q == h))
+                        def _():
+                            win = v_smem.at[slot, pl.ds(h * BLOCK_Q, BLOCK_Q)]
+                            vals = win[...]
+                            r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, head_dim), 0,
+                                                       layout=plgpu.Layout.WGMMA) + h * BLOCK_Q
+                            win[...] = jnp.where((r >= end - junk) & (r < end), jnp.zeros_like(vals), vals)
+                            plgpu.commit_smem()
+
+                masked_step = functools.partial(step, masked=True)
+                plain_step = functools.partial(step, masked=False)
+                carry = (acc, m_i, l_i)
+                # Tiles below the window's edge, full tiles, then the causal diagonal: masks only on edges.
+                e1 = jnp.minimum(t_hi, full_lo)
+                carry = lax.fori_loop(t_lo, e1, masked_step, carry)
+                f0 = jnp.maximum(t_lo, full_lo)
+                f1 = jnp.minimum(t_hi, full_hi)
+                carry = lax.fori_loop(f0, f1, plain_step, carry)
+                e2 = jnp.maximum(f0, full_hi)
+                carry = lax.fori_loop(e2, t_hi, masked_step, carry)
+                acc, m_i, l_i = carry
+                pl.when(wg == 0)(schedule_barrier)
+
+                # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
+                l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+                o_buf[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                plgpu.commit_smem()
+                store_rows(o_buf, v0, tok0 + v0, n_rows, head)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            def run_item(k, carry):
-                g, vals = carry
-                it = item(vals)
-                nxt = fields(k + 1)
-                kv_len, lo, t_lo, n_tiles = it["kv_len"], it["lo"], it["t_lo"], it["n_tiles"]
-                bt_row = bt_ref.at[_clamp(it["seq"], 0, bt_ref.shape[0] - 1)]
-                kvh = it["kvh"]
+            @pl.when(work)
+            def _():
+                bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
 
-                def issue(i, which: int, buf, bar, used):
+                def issue(i, which: int, buf, bar):
                     t = t_lo + i
-                    slot = lax.rem(g + i, jnp.int32(stages))
-
-                    @pl.when(g + i >= stages)   # the ring slot's previous tile has been consumed
-                    def _():
-                        plgpu.barrier_wait(used.at[slot])
+                    slot = lax.rem(i, jnp.int32(stages))
                     for u in range(units):
                         ks = t * block_kv + u * cu
                         live = (ks < kv_len) & (ks + cu > lo)
@@ -473,15 +396,22 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                             kv_ref.at[page, pl.ds(start, cu), 2 * kvh + which],
                             buf.at[slot, pl.ds(u * cu, cu)], bar.at[slot])
 
-                @pl.loop(0, n_tiles)
-                def _(i):
-                    issue(i, 0, k_smem, k_bar, k_used)
-                    issue(i, 1, v_smem, v_bar, v_used)
-                return g + n_tiles, nxt
+                for j in range(stages):
+                    @pl.when(j < n_tiles)
+                    def _():
+                        issue(j, 0, k_smem, k_bar)
+                        issue(j, 1, v_smem, v_bar)
 
-            lax.fori_loop(0, my_items, run_item, (jnp.int32(0), fields(0)))
+                @pl.loop(0, jnp.maximum(n_tiles - stages, 0))
+                def _(j):
+                    i = j + stages
+                    slot = lax.rem(i, jnp.int32(stages))
+                    plgpu.barrier_wait(k_used.at[slot])
+                    issue(i, 0, k_smem, k_bar)
+                    plgpu.barrier_wait(v_used.at[slot])
+                    issue(i, 1, v_smem, v_bar)
 
-    def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, work_ref, sink_ref, out_ref):  # the kernel's name in profiles
+    def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
         scratch = [
@@ -491,7 +421,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             plgpu.SMEM((2, BLOCK_Q, head_dim), dtype),
         ]
         pl.run_scoped(
-            lambda *args: body(q_ref, kv_ref, bt_ref, work_ref, sink_ref, out_ref, args),
+            lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
             scratch,
             (plgpu.Barrier(num_arrivals=units, num_barriers=stages),
              plgpu.Barrier(num_arrivals=units, num_barriers=stages),
@@ -504,9 +434,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     return plgpu.kernel(
         rpa_mosaic_prefill,
         out_type=jax.ShapeDtypeStruct((t_total, num_q_heads, head_dim), dtype),
-        grid=(num_programs,),
-        grid_names=("cta",),
+        grid=(num_q_heads // 2, n_slots),
+        grid_names=("hp", "slot"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )(queries, kv_pages, block_tables, work, sink_ml)
+    )(queries, kv_pages, block_tables, slots, sink_ml)
