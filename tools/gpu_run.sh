@@ -41,11 +41,15 @@ for d in ("jax", "jaxlib", "jax-cuda13-plugin", "triton", "torch", "flash-attn3-
     except m.PackageNotFoundError: print(f"  {d:<18} -")'
 } >"$OUT/summary.txt" 2>&1
 
+# -v -rf: each test's outcome is logged as it ends, so a worker that dies (a CUDA fault kills every
+# later test in its process, and xdist can then stop with an INTERNALERROR before its summary)
+# still leaves which test failed first; faulthandler dumps the stacks of a test hung past 300 s.
+PYTEST_GPU="-v -rf -o faulthandler_timeout=300"
 GPU_FILES="tests/test_attention.py tests/test_poison.py tests/test_torch.py tests/test_kv_cache.py tests/test_jit.py tests/test_validation.py tests/test_properties.py"
 step_cmd() {  # the command line of one step
   case $1 in
-    tests-a) echo "python3 -m pytest -q -n 6 -m 'not bigmem' tests/test_attention.py $PYTEST_ARGS" ;;
-    tests-b) echo "python3 -m pytest -q -n 6 -m 'not bigmem' ${GPU_FILES#tests/test_attention.py } $PYTEST_ARGS" ;;
+    tests-a) echo "python3 -m pytest $PYTEST_GPU -n 6 -m 'not bigmem' tests/test_attention.py $PYTEST_ARGS" ;;
+    tests-b) echo "python3 -m pytest $PYTEST_GPU -n 6 -m 'not bigmem' ${GPU_FILES#tests/test_attention.py } $PYTEST_ARGS" ;;
     tests-bigmem) echo "python3 -m pytest -q -m bigmem tests/test_attention.py" ;;
     memcheck-torch) echo "JAX_PLATFORMS=cpu PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool memcheck \
       --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
@@ -58,7 +62,7 @@ step_cmd() {  # the command line of one step
     bench) echo "python3 benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json" ;;
     startup) echo "python3 benchmarks/run.py --startup -k none --out $OUT/startup.json" ;;
     llama) echo "OUT=$OUT tools/serve_llama3.sh ${LLAMA_GPUS:-1}" ;;
-    tests-k) echo "python3 -m pytest -q -n 6 -m 'not bigmem' $GPU_FILES -k '$TEST_K' $PYTEST_ARGS" ;;
+    tests-k) echo "python3 -m pytest $PYTEST_GPU -n 6 -m 'not bigmem' $GPU_FILES -k '$TEST_K' $PYTEST_ARGS" ;;
     sharded) echo "python3 -m pytest -q -o addopts= tests/test_sharding.py" ;;
     *) return 1 ;;
   esac
