@@ -26,8 +26,9 @@ from ragged_paged_attention import tuning  # noqa: E402
 from ragged_paged_attention.pytorch import ragged_page_attention_v2  # noqa: E402
 
 # (block rows, keys per tile, warps, stages): prefill rows are query tokens x packed heads.
+# 256/32/8/3: the one 256-row d128 tile ptxas fits without spills (NOTES v5), not yet measured.
 PREFILL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3),
-           (64, 64, 4, 3), (128, 32, 8, 4)]
+           (64, 64, 4, 3), (128, 32, 8, 4), (256, 32, 8, 3)]
 DECODE = [(16, 128, 4, 2), (16, 64, 4, 2), (16, 128, 8, 2), (16, 64, 4, 3), (16, 256, 4, 2), (16, 32, 4, 2)]
 
 
