@@ -9,6 +9,8 @@
 #   tests-a, tests-b  the test suite's GPU backends (jax-triton, jax-mosaic, torch-cuda, xla on GPU), two halves
 #   tests-bigmem      the > 2^31-element cache tests, alone on their GPU
 #   memcheck-torch, memcheck-jax   compute-sanitizer memcheck over the garbage-metadata and poison tests
+#   memcheck-xla      the same for the pure-JAX path on the GPU and its cache writes (XLA scatters: one
+#                     scatter fusion read out of bounds in session 5, benchmarks/NOTES.md v5)
 #   autotune          tools/autotune.py --write; the user tuning table is copied to $OUT
 #   compile           tools/compile_check.py (the full set) -> compile.json
 #   bench             benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json (+ .png)
@@ -57,6 +59,9 @@ step_cmd() {  # the command line of one step
     memcheck-jax) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
       --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
       -k '(jax-triton or jax-mosaic) and (garbage or nan and (mixed_small or window_mid))'" ;;
+    memcheck-xla) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
+      --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_kv_cache.py \
+      tests/test_poison.py -k 'xla and (not test_poison or garbage or nan and (mixed_small or window_mid))'" ;;
     autotune) echo "python3 tools/autotune.py --write && cp \${RPA_TUNING_DIR:-~/.cache/ragged_paged_attention/tuning}/*.json $OUT/" ;;
     compile) echo "python3 tools/compile_check.py --jobs 16 --json $OUT/compile.json" ;;
     bench) echo "python3 benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json" ;;
