@@ -1,6 +1,6 @@
 """Measure tile configurations on this GPU and keep the fastest as user tunings.
 
-    python tools/autotune.py [-k SUBSTR] [--write]
+    python tools/autotune.py [-k SUBSTR] [--configs R/N/W/S,...] [--write]
 
 For each benchmark workload that is pure prefill or pure decode (benchmarks/workloads.py), times
 the candidate tiles below through the PyTorch door (CUDA-graph replay, triton.testing), checks each
@@ -26,22 +26,24 @@ from ragged_paged_attention import tuning  # noqa: E402
 from ragged_paged_attention.pytorch import ragged_page_attention_v2  # noqa: E402
 
 # (block rows, keys per tile, warps, stages): prefill rows are query tokens x packed heads.
-# 256/32/8/3: the one 256-row d128 tile ptxas fits without spills (NOTES v5), not yet measured.
+# 256/32/8/3 and /4: 256-row d128 tiles ptxas fits without spills (NOTES v5).
 PREFILL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3),
-           (64, 64, 4, 3), (128, 32, 8, 4), (256, 32, 8, 3)]
+           (64, 64, 4, 3), (128, 32, 8, 4), (256, 32, 8, 3), (256, 32, 8, 4), (128, 64, 4, 2)]
 DECODE = [(16, 128, 4, 2), (16, 64, 4, 2), (16, 128, 8, 2), (16, 64, 4, 3), (16, 256, 4, 2), (16, 32, 4, 2)]
 
 
-def candidates(kind: str, head_dim: int):
+def candidates(kind: str, head_dim: int, only=None):
     grid = PREFILL if kind == "prefill" else DECODE
-    return [c for c in grid if head_dim <= 128 or c[1] <= 64]
+    return [c for c in grid if (head_dim <= 128 or c[1] <= 64) and (only is None or c in only)]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", default="", help="only workloads whose name contains this")
+    ap.add_argument("--configs", help="only these tiles, e.g. 256/64/8/3,256/32/8/3 (rows/keys/warps/stages)")
     ap.add_argument("--write", action="store_true", help="store the winners in the user tuning table")
     args = ap.parse_args(argv)
+    only = None if not args.configs else {tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")}
     dev = torch.device("cuda")
     device = torch.cuda.get_device_name(dev)
     winners: dict[str, dict] = {}
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         call = [a[n] for n in ("queries", "kv_pages", "context_lens", "block_tables", "query_start_loc", "num_seqs")]
         ref = ragged_page_attention_v2(*call, check_inputs=False, **opts).float()
         rows = []
-        for rows_, keys, warps, stages in candidates(kind, w.head_dim):
+        for rows_, keys, warps, stages in candidates(kind, w.head_dim, only):
             knobs = dict(num_kv_pages_per_block=max(1, keys // w.page_size), num_warps=warps, num_stages=stages)
             if kind == "prefill":
                 knobs["num_queries_per_block"] = max(1, rows_ // (w.num_q_heads // w.num_kv_heads))

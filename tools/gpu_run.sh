@@ -11,14 +11,15 @@
 #   memcheck-torch, memcheck-jax   compute-sanitizer memcheck over the garbage-metadata and poison tests
 #   memcheck-xla      the same for the pure-JAX path on the GPU and its cache writes (XLA scatters: one
 #                     scatter fusion read out of bounds in session 5, benchmarks/NOTES.md v5)
-#   autotune          tools/autotune.py --write; the user tuning table is copied to $OUT
+#   autotune          tools/autotune.py --write \$AUTOTUNE_ARGS; the table goes to $OUT/tuning/ (never the user
+#                     table another step on this machine reads)
 #   compile           tools/compile_check.py (the full set) -> compile.json
 #   bench             benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json (+ .png)
 #   startup           benchmarks/run.py --startup -k none --out $OUT/startup.json
 #   llama             tools/serve_llama3.sh $LLAMA_GPUS (uses GPUs from the one given)
 #   sharded           the sharding tests on every visible GPU
 #   tests-k           the GPU test files, only tests matching \$TEST_K
-# Environment: BENCH_ARGS, PYTEST_ARGS, TEST_K, STEP_TIMEOUT (seconds per step, default 540), LLAMA_GPUS.
+# Environment: BENCH_ARGS, AUTOTUNE_ARGS, PYTEST_ARGS, TEST_K, STEP_TIMEOUT (seconds per step, default 540), LLAMA_GPUS.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for logs and results}"
@@ -31,7 +32,7 @@ export PYTHONPATH=$PWD/.site:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0 \
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 unset TRITON_INTERPRET
-: "${STEP_TIMEOUT:=540}" "${PYTEST_ARGS:=}" "${BENCH_ARGS:=}" "${TEST_K:=}"
+: "${STEP_TIMEOUT:=540}" "${PYTEST_ARGS:=}" "${BENCH_ARGS:=}" "${AUTOTUNE_ARGS:=}" "${TEST_K:=}"
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 
 {
@@ -62,7 +63,7 @@ step_cmd() {  # the command line of one step
     memcheck-xla) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
       --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_kv_cache.py \
       tests/test_poison.py -k 'xla and (not test_poison or garbage or nan and (mixed_small or window_mid))'" ;;
-    autotune) echo "python3 tools/autotune.py --write && cp \${RPA_TUNING_DIR:-~/.cache/ragged_paged_attention/tuning}/*.json $OUT/" ;;
+    autotune) echo "RPA_TUNING_DIR=$OUT/tuning python3 tools/autotune.py --write $AUTOTUNE_ARGS" ;;
     compile) echo "python3 tools/compile_check.py --jobs 16 --json $OUT/compile.json" ;;
     bench) echo "python3 benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json" ;;
     startup) echo "python3 benchmarks/run.py --startup -k none --out $OUT/startup.json" ;;
