@@ -195,7 +195,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         qk_scale = sm_scale / soft_cap
 
     def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
-        (q_smem, k_smem, v_smem, o_smem, p_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
+        (q_smem, k_smem, v_smem, o_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
         hp = lax.axis_index("hp")
         b = n_slots - 1 - lax.axis_index("slot")
         wg = lax.axis_index("wg")
@@ -240,7 +240,6 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             head = 2 * hp + wg
             q_buf = q_smem.at[wg]
             o_buf = o_smem.at[wg]
-            p_buf = p_smem.at[wg]
             za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
 
             @pl.when(za_n + zb_n > 0)
@@ -261,10 +260,23 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
                 plgpu.barrier_wait(q_bar.at[wg])
 
+                @pl.when(n_tiles > 0)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[0])
+
                 pl.when(wg == 1)(schedule_barrier)
 
-                def softmax(s, t, m_i, l_i, masked: bool):
-                    """Online-softmax update for the scores s of tile t: (m_new, alpha, p16, l_new)."""
+                def step(t, carry, masked: bool):
+                    acc, m_i, l_i = carry
+                    i = t - t_lo
+                    slot = lax.rem(i, jnp.int32(stages))
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_buf, k_smem.at[slot].transpose((1, 0)))
+                        schedule_barrier()
+                        return acc_ref[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+                    plgpu.barrier_arrive(k_used.at[slot])
                     if soft_cap is not None:
                         s = _tanh(s * qk_scale) * (soft_cap * LOG2E)
                         scale = 1.0
@@ -290,74 +302,34 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
                         p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     alpha = jnp.exp2(m_i - m_new)
-                    return m_new, alpha, p.astype(dtype), l_i * alpha + p.sum(axis=1)
-
-                def hand_over(t, slot, acc, m_new, l_i, p16, alpha, masked: bool):
-                    """After tile t's softmax (its P V pending): P to shared memory, O rescaled; give
-                    the matrix units to the other warpgroup, wait for V_t (zero its rows past kv_len)."""
-                    p_buf[...] = p16
-                    plgpu.commit_smem()
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    # Empirically (jax's attention example) this order is faster at head_dim <= 128.
-                    acc, l_i, m_new = lax.optimization_barrier((acc, l_i, m_new))
-                    plgpu.barrier_arrive(sched)
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_wait(sched)
+                    l_i = l_i * alpha
+                    p16 = p.astype(dtype)
+
+                    def end_softmax():
+                        plgpu.barrier_arrive(sched)
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        plgpu.barrier_wait(sched)
+                    if head_dim <= 128:
+                        l_i = l_i + p.sum(axis=1)
+                        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                        end_softmax()
+                    else:
+                        end_softmax()
+                        l_i = l_i + p.sum(axis=1)
                     if masked:
                         zero_tail_values(t, slot)
-                    return acc, m_new, l_i
-
-                def first_step(t, carry):
-                    """Tile t_lo: S = Q K^T and its softmax; its P V is issued with the next S."""
-                    acc, m_i, l_i = carry
-                    plgpu.barrier_wait(k_bar.at[0])
-
-                    def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_buf, k_smem.at[0].transpose((1, 0)))
-                        schedule_barrier()
-                        return acc_ref[...]
-                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
-                    plgpu.barrier_arrive(k_used.at[0])
-                    m_new, alpha, p16, l_i = softmax(s, t, m_i, l_i, True)  # the general mask: any tile
-                    return hand_over(t, 0, acc, m_new, l_i, p16, alpha, True)
-
-                def step(t, carry, masked: bool):
-                    """Tile t > t_lo: S_t = Q K_t^T and O += P_{t-1} V_{t-1} issued together; the
-                    softmax of S_t runs while P V is still on the matrix units (FA3's intra-
-                    warpgroup overlap). P comes from shared memory: a register operand would be
-                    re-defined (Mosaic fences it) after S_t's wgmma has started, and ptxas then
-                    serialises every wgmma (C7513; measured 1.3x slower)."""
-                    acc, m_i, l_i = carry
-                    i = t - t_lo
-                    slot = lax.rem(i, jnp.int32(stages))
-                    pslot = lax.rem(i + (stages - 1), jnp.int32(stages))
-                    plgpu.barrier_wait(k_bar.at[slot])
-
-                    def body(refs):
-                        o_ref, s_ref, m_ref, l_ref, p_ref, a_ref = refs
-                        plgpu.wgmma(s_ref, q_buf, k_smem.at[slot].transpose((1, 0)))
-                        plgpu.wgmma(o_ref, p_buf, v_smem.at[pslot])
-                        schedule_barrier()
-                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)    # S_t done, P V in flight
-                        plgpu.barrier_arrive(k_used.at[slot])
-                        m_ref[...], a_ref[...], p_ref[...], l_ref[...] = softmax(s, t, m_i, l_i, masked)
-                    s0 = plgpu.layout_cast(jnp.zeros((BLOCK_Q, block_kv), jnp.float32), plgpu.Layout.WGMMA)
-                    p0 = plgpu.layout_cast(jnp.zeros((BLOCK_Q, block_kv), dtype), plgpu.Layout.WGMMA)
-                    acc, _, m_new, l_i, p16, alpha = pl.run_state(body)(
-                        (plgpu.ACC.init(acc), plgpu.ACC.init(s0), m_i, l_i, p0, m_i))
-                    plgpu.barrier_arrive(v_used.at[pslot])
-                    return hand_over(t, slot, acc, m_new, l_i, p16, alpha, masked)
-
-                def last_pv(_, carry):
-                    """O += P V of the last tile."""
-                    acc, m_i, l_i = carry
-                    slot = lax.rem(n_tiles - 1, jnp.int32(stages))
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p_buf, v_smem.at[slot])
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        nxt = i + 1
+
+                        @pl.when(nxt < n_tiles)
+                        def _():
+                            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_used.at[slot])
-                    return acc, m_i, l_i
+                    return acc, m_new, l_i
 
                 def zero_tail_values(t, slot):
                     """Zero the V rows past kv_len in the 8-row group of the last key (they may
@@ -377,17 +349,16 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
                 masked_step = functools.partial(step, masked=True)
                 plain_step = functools.partial(step, masked=False)
-                carry = lax.fori_loop(t_lo, jnp.minimum(t_lo + 1, t_hi), first_step, (acc, m_i, l_i))
-                # Then tiles below the window's edge, full tiles, the causal diagonal: masks only on edges.
-                s1 = t_lo + 1
+                carry = (acc, m_i, l_i)
+                # Tiles below the window's edge, full tiles, then the causal diagonal: masks only on edges.
                 e1 = jnp.minimum(t_hi, full_lo)
-                carry = lax.fori_loop(s1, e1, masked_step, carry)
-                f0 = jnp.maximum(s1, full_lo)
+                carry = lax.fori_loop(t_lo, e1, masked_step, carry)
+                f0 = jnp.maximum(t_lo, full_lo)
                 f1 = jnp.minimum(t_hi, full_hi)
                 carry = lax.fori_loop(f0, f1, plain_step, carry)
                 e2 = jnp.maximum(f0, full_hi)
                 carry = lax.fori_loop(e2, t_hi, masked_step, carry)
-                acc, m_i, l_i = lax.fori_loop(0, jnp.minimum(n_tiles, 1), last_pv, carry)
+                acc, m_i, l_i = carry
                 pl.when(wg == 0)(schedule_barrier)
 
                 # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
@@ -448,7 +419,6 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((2, BLOCK_Q, head_dim), dtype),
-            plgpu.SMEM((2, BLOCK_Q, block_kv), dtype, transforms=(tiling, swizzle)),   # P of each consumer
         ]
         pl.run_scoped(
             lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
