@@ -10,7 +10,8 @@
 #   tests-bigmem      the > 2^31-element cache tests, alone on their GPU
 #   memcheck-torch, memcheck-jax   compute-sanitizer memcheck over the garbage-metadata and poison tests
 #   memcheck-xla      the same for the pure-JAX path on the GPU and its cache writes (XLA scatters: one
-#                     scatter fusion read out of bounds in session 5, benchmarks/NOTES.md v5)
+#                     scatter fusion read out of bounds in session 5, benchmarks/NOTES.md v5). Session 6:
+#                     the cache writes pass; compute-sanitizer segfaults at the first attention test (NOTES v6)
 #   autotune          tools/autotune.py --write \$AUTOTUNE_ARGS; the table goes to $OUT/tuning/ (never the user
 #                     table another step on this machine reads)
 #   compile           tools/compile_check.py (the full set) -> compile.json
