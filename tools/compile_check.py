@@ -90,7 +90,8 @@ def jobs_for(model: Model) -> list[Job]:
         dims, q_dtype=q_dt, kv_dtype=kv_dt, compute_dtype=compute, softmax_scale=model.head_dim ** -0.5,
         logits_soft_cap=30.0 if "softcap" in model.features else None,
         sliding_window=512 if "window" in model.features else None,
-        sink_shape=(hq,) if "sinks" in model.features else None, num_sms=132, device_kind=DEVICE)
+        sink_shape=(hq,) if "sinks" in model.features else None, num_sms=132, device_kind=DEVICE,
+        slot_order=True)  # the JAX door's prefill launch (the PyTorch door's differs by one load)
     inputs = dict(queries=q_dt, kv_pages=kv_dt)
     out = []
     for launch in plan.launches:

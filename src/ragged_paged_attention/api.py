@@ -207,7 +207,7 @@ def _attention(queries, kv_pages, context_lens, block_tables, query_start_loc, n
             compute_dtype=compute_dtype, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
             sliding_window=sliding_window, num_queries_per_block=num_queries_per_block,
             num_kv_pages_per_block=num_kv_pages_per_block, num_warps=num_warps, num_stages=num_stages,
-            prefill=prefill)
+            prefill=prefill, slot_order=True)
         arrays = dict(index, queries=queries, kv_pages=kv_pages, sinks=softmax_aux, k_scale=ks, v_scale=vs)
         return jax_launch.run(plan, arrays)
     block_q, pages_per_tile = tuning.xla_blocks(t, dims.max_num_seqs, dims.pages_per_seq, ps,

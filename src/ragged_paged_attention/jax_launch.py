@@ -141,11 +141,46 @@ def run(plan: Plan, arrays: dict) -> jax.Array:
         if launch.kernel == MOSAIC_PREFILL:
             env.update(out=_mosaic_prefill(launch, env))
             continue
+        if "slot_order" in launch.inputs:
+            env["slot_order"] = slot_order(launch, env)
         out_types = [types[n] if n in types else jax.ShapeDtypeStruct(env[n].shape, env[n].dtype)
                      for n in launch.outputs]
         outs = _launch(launch, [env[n] for n in launch.inputs], out_types, arch)
         env.update(zip(launch.outputs, outs))
     return env[plan.result]
+
+
+def slot_order(launch, env: dict) -> jax.Array:
+    """The Triton prefill launch's slot order: heaviest block first across all sequences (longest
+    processing time first: with the causal blocks of several sequences the last-slot-first order
+    can leave a sequence's heaviest blocks to the end, benchmarks/NOTES.md v6), then slots with
+    no prefill block. A block's weight is its visible key count (window-capped): the K/V tiles it
+    reads. Computed from the metadata with the kernel's clamps; any metadata gives a permutation
+    (a stable argsort), so every slot's rows are still written by exactly one program per KV head.
+    Within one jit, the layers of a step share the computation (XLA CSE: the same inputs)."""
+    c = launch.constexpr_dict
+    total_tokens, max_num_seqs, pages_per_seq, _ = launch.scalars
+    block_q, dec_q = c["BLOCK_Q"], c["DEC_Q"]
+    n_slots = launch.grid[0] // c["NUM_KV_HEADS"]
+    qsl = jnp.clip(env["query_start_loc"][: max_num_seqs + 1], 0, total_tokens)
+    n = jnp.clip(env["num_seqs"].reshape(()), 0, max_num_seqs)
+    i = jnp.arange(max_num_seqs, dtype=jnp.int32)
+    q_start = qsl[:-1]
+    q_end = jnp.maximum(qsl[1:], q_start)
+    kv_len = jnp.clip(env["context_lens"], 0, pages_per_seq * c["PAGE_SIZE"])
+    # The kernel's slot -> sequence map: the last live i with q_start // BLOCK_Q + i <= slot.
+    starts = jnp.where(i < n, q_start // block_q + i, jnp.iinfo(jnp.int32).max)
+    b = jnp.arange(n_slots, dtype=jnp.int32)
+    seq = jnp.searchsorted(starts, b, side="right").astype(jnp.int32) - 1
+    s = jnp.maximum(seq, 0)
+    qs, qe, kv, q_len = q_start[s], q_end[s], kv_len[s], q_end[s] - q_start[s]
+    tok0 = qs + (b - starts[s]) * block_q
+    last_tok = jnp.minimum(tok0 + block_q, qe) - 1
+    keys = jnp.maximum(kv - q_len + (last_tok - qs) + 1, 0)
+    if c["USE_WINDOW"]:
+        keys = jnp.minimum(keys, c["WINDOW"] + block_q)
+    keys = jnp.where((seq >= 0) & (q_len > dec_q) & (tok0 < qe), keys, 0)
+    return jnp.argsort(-keys, stable=True).astype(jnp.int32)
 
 
 def _mosaic_prefill(launch, env: dict) -> jax.Array:

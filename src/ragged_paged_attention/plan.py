@@ -92,6 +92,7 @@ def attention_plan(
     num_warps: int | None = None,
     num_stages: int | None = None,
     prefill: str = "triton",
+    slot_order: bool = False,
 ) -> Plan:
     """Launches of one ragged_page_attention_v2 call: prefill tiles, decode tiles, split merge.
 
@@ -102,6 +103,11 @@ def attention_plan(
     prefill="mosaic" (the JAX door on Hopper, mosaic_prefill.py) makes the first launch the Pallas
     Mosaic GPU kernel ``MOSAIC_PREFILL`` instead of the Triton prefill tiles: same buffers, same
     contract (prefill rows and rows of no sequence written, decode rows left to the decode launch).
+
+    slot_order=True (the JAX door) gives the Triton prefill launch the input ``slot_order``: its
+    query-block slots ordered heaviest block first across all sequences, which the door computes
+    per call (``jax_launch.slot_order``; within one jit the layers of a step share it). Without it
+    the slots launch last first (the heaviest blocks of the last sequence first).
     """
     g = dims.group_size
     d_pad = max(16, next_pow2(dims.head_dim))
@@ -167,8 +173,9 @@ def attention_plan(
                        BLOCK_KV=block_kv).items()), 12, stages)
     elif prefill == "triton":
         first = Launch("rpa_kernel", ((dims.total_tokens // pq + dims.max_num_seqs) * dims.num_kv_heads,),
-                       meta + (UNUSED_IN,), ("out", "unused_part", "unused_ml"), sizes,
-                       tuple(dict(common, BLOCK_M=pm, BLOCK_Q=pq, TILE_N=pn, DECODE=False).items()), pw, ps)
+                       meta + ("slot_order" if slot_order else UNUSED_IN,), ("out", "unused_part", "unused_ml"),
+                       sizes, tuple(dict(common, BLOCK_M=pm, BLOCK_Q=pq, TILE_N=pn, DECODE=False,
+                                         SLOT_ORDER=slot_order).items()), pw, ps)
     else:
         raise ValueError(f"prefill must be 'triton' or 'mosaic', got {prefill!r}")
     launches = [
@@ -223,7 +230,7 @@ def pointer_dtypes(plan: Plan, launch: Launch, input_dtypes: dict[str, str]) -> 
     """dtype names of a launch's pointer arguments (inputs, then outputs), from the caller's inputs
     (input_dtypes; the index arrays default to int32, sinks and scales to float32) and the plan's buffers."""
     known = dict(context_lens="int32", block_tables="int32", query_start_loc="int32", num_seqs="int32",
-                 slot_mapping="int32", sinks="float32", k_scale="float32", v_scale="float32")
+                 slot_mapping="int32", sinks="float32", k_scale="float32", v_scale="float32", slot_order="int32")
     known.update(input_dtypes)
     known.update({name: dt for name, _, dt in plan.buffers})
     return tuple(known[n] for n in launch.inputs + launch.outputs)

@@ -3,7 +3,8 @@
 One kernel, two tile shapes (constexpr DECODE), launched twice per call (plan.py):
 
 - prefill tiles (DECODE=False), grid ((total_tokens // BLOCK_Q + max_num_seqs) * num_kv_heads,):
-  program (b, h) takes query-block slot b of KV head h. Slot b belongs to the sequence i with
+  program (b, h) takes query-block slot b of KV head h (the JAX door orders the slots heaviest
+  block first: plan.slot_order). Slot b belongs to the sequence i with
   qsl[i] // BLOCK_Q + i <= b < the next sequence's start (a bound on array shapes alone). Only
   sequences with more than DEC_Q queries are computed here; every program also zeroes the rows of
   its aligned token chunk that belong to no sequence, so the output needs no memset.
@@ -277,7 +278,8 @@ def rpa_kernel(
     sink_ptr,     # [SINK_ROWS, NUM_SINKS] float32 sink logits, read iff SINK_ROWS > 0
     k_scale_ptr,  # [1] float32, read iff KV_FP8
     v_scale_ptr,  # [1] float32, read iff KV_FP8
-    out_in_ptr,   # DECODE: the prefill launch's output, the same buffer as out_ptr (never read)
+    aux_ptr,      # DECODE: the prefill launch's output, the same buffer as out_ptr (never read);
+                  # prefill with SLOT_ORDER: [num_programs // NUM_KV_HEADS] int32 launch order of the slots
     out_ptr,      # [total_tokens, num_q_heads, head_dim]
     part_ptr,     # DECODE: [TARGET // num_kv_heads, DEC_Q, num_q_heads, HEAD_DIM_PAD] float32 split partials
     ml_ptr,       # DECODE: [TARGET // num_kv_heads, DEC_Q, num_q_heads, 2] float32 (running max log2, sum)
@@ -289,6 +291,7 @@ def rpa_kernel(
     WINDOW: tl.constexpr, USE_WINDOW: tl.constexpr,
     SINK_ROWS: tl.constexpr, NUM_SINKS: tl.constexpr, KV_FP8: tl.constexpr, COMPUTE: tl.constexpr,
     DECODE: tl.constexpr, DEC_Q: tl.constexpr, TARGET: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    SLOT_ORDER: tl.constexpr = False,
 ):
     """Prefill tiles (DECODE=False) or decode tiles (DECODE=True): see the module docstring."""
     G: tl.constexpr = NUM_Q_HEADS // NUM_KV_HEADS
@@ -324,10 +327,16 @@ def rpa_kernel(
                     tl.store(ml_ptr + prow * 2, m_i, mask=row_ok)
                     tl.store(ml_ptr + prow * 2 + 1, l_i, mask=row_ok)
     else:
-        # program = (query-block slot b, KV head); the last slots (the heaviest blocks of a causal
-        # sequence, and the dead padding, which exits at once) are launched first.
+        # program = (query-block slot b, KV head), KV heads fastest. With SLOT_ORDER the door gives
+        # the slots heaviest block first across all sequences (a permutation; clamped all the same);
+        # without, the last slots (the heaviest blocks of the last causal sequence, and the dead
+        # padding, which exits at once) are launched first.
         kvh = pid % NUM_KV_HEADS
-        b = tl.num_programs(0) // NUM_KV_HEADS - 1 - pid // NUM_KV_HEADS
+        n_slot_rows = tl.num_programs(0) // NUM_KV_HEADS
+        if SLOT_ORDER:
+            b = _clamp(tl.load(aux_ptr + pid // NUM_KV_HEADS), 0, n_slot_rows - 1)
+        else:
+            b = n_slot_rows - 1 - pid // NUM_KV_HEADS
         first = _clamp(tl.load(qsl_ptr), 0, total_tokens)
         last = _clamp(tl.load(qsl_ptr + num_seqs), first, total_tokens)
         # Rows of no sequence in this slot's aligned chunk [b * BLOCK_Q, (b + 1) * BLOCK_Q): zero
