@@ -171,7 +171,9 @@ def slot_order(launch, env: dict) -> jax.Array:
     # The kernel's slot -> sequence map: the last live i with q_start // BLOCK_Q + i <= slot.
     starts = jnp.where(i < n, q_start // block_q + i, jnp.iinfo(jnp.int32).max)
     b = jnp.arange(n_slots, dtype=jnp.int32)
-    seq = jnp.searchsorted(starts, b, side="right").astype(jnp.int32) - 1
+    # compare_all: one fusion (the default binary search is a while loop, a host round trip per
+    # step on a GPU); slots x sequences compares, about a million at the largest buckets.
+    seq = jnp.searchsorted(starts, b, side="right", method="compare_all").astype(jnp.int32) - 1
     s = jnp.maximum(seq, 0)
     qs, qe, kv, q_len = q_start[s], q_end[s], kv_len[s], q_end[s] - q_start[s]
     tok0 = qs + (b - starts[s]) * block_q

@@ -4,7 +4,7 @@ One kernel, two tile shapes (constexpr DECODE), launched twice per call (plan.py
 
 - prefill tiles (DECODE=False), grid ((total_tokens // BLOCK_Q + max_num_seqs) * num_kv_heads,):
   program (b, h) takes query-block slot b of KV head h (the JAX door orders the slots heaviest
-  block first: plan.slot_order). Slot b belongs to the sequence i with
+  block first: jax_launch.slot_order). Slot b belongs to the sequence i with
   qsl[i] // BLOCK_Q + i <= b < the next sequence's start (a bound on array shapes alone). Only
   sequences with more than DEC_Q queries are computed here; every program also zeroes the rows of
   its aligned token chunk that belong to no sequence, so the output needs no memset.
