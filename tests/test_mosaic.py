@@ -79,6 +79,32 @@ def test_slot_table_covers_every_row_once(seed):
     _check(qsl.tolist(), ctx.tolist(), n, t, s)
 
 
+@pytest.mark.parametrize("window", [None, 100])
+def test_slot_table_heaviest_first(window):
+    """The rows come heaviest block first across sequences (by the keys a block's last row sees,
+    window-capped), then the slots with no prefill block; the order is a stable sort."""
+    qsl = [0, 300, 310, 330, 700]          # the second sequence decodes (10 <= DEC_Q rows)
+    ctx = [300, 2000, 20, 5000]
+    s, t = 4, 704
+    tab = np.asarray(mp.slot_table(jnp.asarray(qsl, jnp.int32), jnp.asarray(ctx, jnp.int32),
+                                   jnp.asarray([s], jnp.int32), total_tokens=t, pages_per_seq=400,
+                                   page_size=16, dec_q=DEC_Q, window=window))
+    live = tab[:, 0] >= 0
+    n_live = int(live.sum())
+    assert live[:n_live].all() and not live[n_live:].any(), "blocks with work first"
+    seq, tok0, v0, rows, kv_len, pos_off = (tab[:n_live, k] for k in range(6))
+    keys = tok0 + v0 + rows + pos_off
+    if window is not None:
+        keys = np.minimum(keys, window + BQ)
+    assert (np.diff(keys) <= 0).all(), keys
+    if window is None:
+        assert tab[0][0] == 3 and tab[0][1] + tab[0][2] + tab[0][3] == 700, "the last sequence's last block leads"
+        assert (tok0[seq == 0] == np.sort(tok0[seq == 0])[::-1]).all()
+    else:  # every block past the window's first sees window + 64 keys: equal weights keep the slot order
+        assert keys[0] == window + BQ and tab[0][0] == 0 and tab[0][1] == 128
+    _check(qsl, ctx, s, t, s, width=400)
+
+
 @pytest.mark.parametrize("kind", ["decreasing_qsl", "qsl_past_tokens", "num_seqs_past_slots", "negative"])
 def test_slot_table_in_bounds_for_garbage(kind):
     """Garbage metadata: every block still reads and writes inside the arrays (the sequences' rows

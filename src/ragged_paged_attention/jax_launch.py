@@ -195,7 +195,8 @@ def _mosaic_prefill(launch, env: dict) -> jax.Array:
     queries, block_tables = env["queries"], env["block_tables"]
     t, h, _ = queries.shape
     slots = mp.slot_table(env["query_start_loc"], env["context_lens"], env["num_seqs"], total_tokens=t,
-                          pages_per_seq=block_tables.shape[1], page_size=c["PAGE_SIZE"], dec_q=c["DEC_Q"])
+                          pages_per_seq=block_tables.shape[1], page_size=c["PAGE_SIZE"], dec_q=c["DEC_Q"],
+                          window=c["WINDOW"])
     sinks = sink_logits(env["sinks"], h, c["NUM_KV_HEADS"]) if c["SINKS"] else None
     return mp.prefill(queries, env["kv_pages"], block_tables, slots, mp.sink_table(sinks, h),
                       num_kv_heads=c["NUM_KV_HEADS"], page_size=c["PAGE_SIZE"], sm_scale=c["SM_SCALE"],

@@ -23,8 +23,8 @@ One CUDA block per (query-block slot, pair of query heads of one KV head), three
 Batch sizes are run-time values: the slot table (``slot_table``, one small XLA fusion per call)
 maps each slot to its sequence, first token, valid rows and key length, and the rows of no sequence
 each slot must zero. The grid is (head pairs, T // 64 + max_num_seqs) with the heads fastest (the
-blocks of one sequence and KV head run side by side and share K/V in L2) and the slots reversed
-(the last, heaviest causal blocks of each sequence first). Sequences with at most DEC_Q queries are
+blocks of one sequence and KV head run side by side and share K/V in L2); the table's rows, and so
+the blocks, come heaviest first across all sequences (by the keys each block sees). Sequences with at most DEC_Q queries are
 left to the Triton decode launch, which writes their rows into this kernel's output in place.
 
 Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
@@ -103,14 +103,19 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
 
 
 def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pages_per_seq: int,
-               page_size: int, dec_q: int):
+               page_size: int, dec_q: int, window: int | None = None):
     """int32 [T // 64 + S, SLOT_COLUMNS]: per query-block slot b (the Triton prefill's numbering:
     sequence i owns slots from qsl[i] // 64 + i on), its sequence (-1: no prefill work), first token
     tok0 (a multiple of 8: the tiled Q copy moves whole 8-row groups, so a sequence's first block
     starts at the 8-row group holding its first query and skips v0 rows of the previous sequence),
     v0, its valid rows from v0 on, key length, position offset (key position of token t = t +
     pos_off), and the rows of its aligned chunk [64 b, 64 b + 64) that belong to no sequence (two
-    ranges: start, count). Every value is clamped into the arrays, whatever the metadata holds."""
+    ranges: start, count). Every value is clamped into the arrays, whatever the metadata holds.
+
+    The rows come heaviest block first (the kernel's block k takes row k): longest processing time
+    first across all sequences, by the keys a block sees (its last row's, capped by the window),
+    then the slots with no prefill block (they only zero rows). A stable argsort: any metadata
+    gives a permutation of the slots, so every row is still written by exactly one block."""
     t, s = total_tokens, context_lens.shape[0]
     n_slots = t // BLOCK_Q + s
     num = jnp.clip(num_seqs.reshape(())[()], 0, s)
@@ -138,7 +143,11 @@ def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pa
     zb_n = jnp.clip(z1 - zb0, 0, BLOCK_Q)
     cols = (jnp.where(work, sc, -1), jnp.where(work, tok0, 0), jnp.where(work, v0, 0), jnp.where(work, rows, 0),
             kv_len, kv_len - q_end, z0, za_n, jnp.minimum(zb0, t), zb_n)
-    return jnp.stack(cols, axis=1).astype(jnp.int32)
+    keys = jnp.maximum(kv_len - q_end + tok0 + v0 + rows, 0)      # the last valid row's position + 1
+    if window is not None:
+        keys = jnp.minimum(keys, window + BLOCK_Q)
+    order = jnp.argsort(jnp.where(work, -keys, 1), stable=True)
+    return jnp.stack(cols, axis=1).astype(jnp.int32)[order]
 
 
 def sink_table(sinks, num_q_heads: int):
@@ -197,7 +206,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
         (q_smem, k_smem, v_smem, o_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
         hp = lax.axis_index("hp")
-        b = n_slots - 1 - lax.axis_index("slot")
+        b = lax.axis_index("slot")        # the slot table's rows come heaviest first
         wg = lax.axis_index("wg")
         kvh = (2 * hp) // group
         seq = slot_ref[b, 0]
