@@ -177,11 +177,14 @@ def _tanh(y):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "num_kv_heads", "page_size", "sm_scale", "soft_cap", "window", "dec_q"))
+    "num_kv_heads", "page_size", "sm_scale", "soft_cap", "window", "dec_q", "profile_dir"))
 def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: int, page_size: int,
-            sm_scale: float, soft_cap: float | None, window: int | None, dec_q: int):
+            sm_scale: float, soft_cap: float | None, window: int | None, dec_q: int,
+            profile_dir: str | None = None):
     """Output [T, num_q_heads, head_dim] of the prefill blocks (rows of no sequence zeroed; rows of
-    decode sequences left for the decode launch). slots: slot_table(...); sink_ml: sink_table(...)."""
+    decode sequences left for the decode launch). slots: slot_table(...); sink_ml: sink_table(...).
+    profile_dir: write a timeline of each block's phases there, per warpgroup (Mosaic GPU's
+    on-device profiler; the kernel's named scopes; tools/mosaic_trace.py reads it)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -205,16 +208,17 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
     def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
         (q_smem, k_smem, v_smem, o_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
-        hp = lax.axis_index("hp")
-        b = lax.axis_index("slot")        # the slot table's rows come heaviest first
-        wg = lax.axis_index("wg")
-        kvh = (2 * hp) // group
-        seq = slot_ref[b, 0]
-        tok0 = slot_ref[b, 1]
-        v0 = slot_ref[b, 2]
-        n_rows = slot_ref[b, 3]
-        kv_len = slot_ref[b, 4]
-        pos_off = slot_ref[b, 5]
+        with jax.named_scope("entry"):   # the first event of a block's trace: its start
+            hp = lax.axis_index("hp")
+            b = lax.axis_index("slot")    # the slot table's rows come heaviest first
+            wg = lax.axis_index("wg")
+            kvh = (2 * hp) // group
+            seq = slot_ref[b, 0]
+            tok0 = slot_ref[b, 1]
+            v0 = slot_ref[b, 2]
+            n_rows = slot_ref[b, 3]
+            kv_len = slot_ref[b, 4]
+            pos_off = slot_ref[b, 5]
         work = seq >= 0
         # Positions of the block's first and last valid rows (rows before v0 are the previous
         # sequence's: computed, never stored, and they widen no key range).
@@ -252,6 +256,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
 
             @pl.when(za_n + zb_n > 0)
+            @jax.named_scope("zero_rows")
             def _zero_rows():
                 o_buf[...] = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), dtype), plgpu.Layout.WGMMA)
                 plgpu.commit_smem()
@@ -261,19 +266,20 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
             @pl.when(work)
             def _attend():
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tok0, BLOCK_Q), head], q_buf, q_bar.at[wg])
-                m0 = sink_ref[head, 0]
-                l0 = sink_ref[head, 1]
-                m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), m0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), l0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-                plgpu.barrier_wait(q_bar.at[wg])
+                with jax.named_scope("setup"):
+                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tok0, BLOCK_Q), head], q_buf, q_bar.at[wg])
+                    m0 = sink_ref[head, 0]
+                    l0 = sink_ref[head, 1]
+                    m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), m0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), l0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+                    plgpu.barrier_wait(q_bar.at[wg])
 
-                @pl.when(n_tiles > 0)
-                def _():
-                    plgpu.barrier_wait(k_bar.at[0])
+                    @pl.when(n_tiles > 0)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[0])
 
-                pl.when(wg == 1)(schedule_barrier)
+                pl.when(wg == 1)(jax.named_scope("stagger")(schedule_barrier))
 
                 def step(t, carry, masked: bool):
                     acc, m_i, l_i = carry
@@ -361,21 +367,26 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 carry = (acc, m_i, l_i)
                 # Tiles below the window's edge, full tiles, then the causal diagonal: masks only on edges.
                 e1 = jnp.minimum(t_hi, full_lo)
-                carry = lax.fori_loop(t_lo, e1, masked_step, carry)
                 f0 = jnp.maximum(t_lo, full_lo)
                 f1 = jnp.minimum(t_hi, full_hi)
-                carry = lax.fori_loop(f0, f1, plain_step, carry)
                 e2 = jnp.maximum(f0, full_hi)
-                carry = lax.fori_loop(e2, t_hi, masked_step, carry)
+                with jax.named_scope("edge_lo"):
+                    carry = lax.fori_loop(t_lo, e1, masked_step, carry)
+                with jax.named_scope("full"):
+                    carry = lax.fori_loop(f0, f1, plain_step, carry)
+                with jax.named_scope("diagonal"):
+                    carry = lax.fori_loop(e2, t_hi, masked_step, carry)
                 acc, m_i, l_i = carry
-                pl.when(wg == 0)(schedule_barrier)
+                pl.when(wg == 0)(jax.named_scope("unstagger")(schedule_barrier))
 
-                # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
-                l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-                o_buf[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-                plgpu.commit_smem()
-                store_rows(o_buf, v0, tok0 + v0, n_rows, head)
-            plgpu.wait_smem_to_gmem(0)
+                with jax.named_scope("store"):
+                    # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
+                    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+                    o_buf[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                    plgpu.commit_smem()
+                    store_rows(o_buf, v0, tok0 + v0, n_rows, head)
+            with jax.named_scope("store_wait"):
+                plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
@@ -407,18 +418,20 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
                 for j in range(stages):
                     @pl.when(j < n_tiles)
+                    @jax.named_scope("fill")
                     def _():
                         issue(j, 0, k_smem, k_bar)
                         issue(j, 1, v_smem, v_bar)
 
-                @pl.loop(0, jnp.maximum(n_tiles - stages, 0))
-                def _(j):
-                    i = j + stages
-                    slot = lax.rem(i, jnp.int32(stages))
-                    plgpu.barrier_wait(k_used.at[slot])
-                    issue(i, 0, k_smem, k_bar)
-                    plgpu.barrier_wait(v_used.at[slot])
-                    issue(i, 1, v_smem, v_bar)
+                with jax.named_scope("stream"):
+                    @pl.loop(0, jnp.maximum(n_tiles - stages, 0))
+                    def _(j):
+                        i = j + stages
+                        slot = lax.rem(i, jnp.int32(stages))
+                        plgpu.barrier_wait(k_used.at[slot])
+                        issue(i, 0, k_smem, k_bar)
+                        plgpu.barrier_wait(v_used.at[slot])
+                        issue(i, 1, v_smem, v_bar)
 
     def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
@@ -447,5 +460,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         grid_names=("hp", "slot"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            **(dict(profile_space=64, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),
     )(queries, kv_pages, block_tables, slots, sink_ml)

@@ -1,0 +1,216 @@
+"""Where the Mosaic GPU prefill's time goes, block by block: its on-device timeline, summarised.
+
+    python tools/mosaic_trace.py [-k prefill_b8_2k,...] [--json OUT.json]      (Hopper GPU, jax 0.11.2)
+
+Runs the kernel once with Mosaic GPU's on-device profiler (mosaic_prefill.prefill(profile_dir=...):
+each warpgroup stamps the SM clock at the kernel's named scopes: entry, setup (Q copy and the first
+K tile's wait), stagger, the edge_lo / full / diagonal tile loops, unstagger, store, store_wait,
+zero_rows; the producer's fill and stream) and prints per workload:
+- the kernel time with and without the profiler (wall time of one call, median of 20 / 5);
+- per phase and warpgroup: the mean cycles per block and its share of the SMs' time;
+- the loop's cost per K/V tile (a least-squares fit of the loop's cycles on the tiles a block
+  visits: cycles = fixed + per_tile * tiles);
+- per SM, the cycles between one block's last stamp and the next block's first (block exit,
+  launch and the kernel's entry: what the SM does no work in), and the SMs' busy share; the SM
+  clock rate from the stamps against the global timer (to turn cycles into microseconds).
+The profiler's raw buffer is read directly (ProfilerSpec.dump is wrapped): the SM clock of every
+stamp, so the gaps between blocks on one SM are exact. Issue 16's question: what the ~5 us per
+block that a fit of v5's timings found (benchmarks/NOTES.md v5) is made of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import workloads as wl  # noqa: E402
+
+CONSUMER = ("entry", "zero_rows", "setup", "stagger", "edge_lo", "full", "diagonal", "unstagger", "store",
+            "store_wait")
+PRODUCER = ("entry", "fill", "stream")
+
+
+def capture():
+    """Wrap the profiler's dump: keep (raw buffer, grid, block, names) of every traced call."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    got = []
+    original = profiler.ProfilerSpec.dump
+
+    def dump(self, buffer, f, grid, block):
+        got.append((np.asarray(buffer).copy(), tuple(grid), tuple(block),
+                    {v: k for k, v in self.interned_names.items()}, self.entries_per_warpgroup))
+        f.write("{}")
+    profiler.ProfilerSpec.dump = dump
+    return got, lambda: setattr(profiler.ProfilerSpec, "dump", original)
+
+
+def parse(raw, grid, block, names, entries):
+    """Per block and warpgroup: {scope: [(enter_clock, exit_clock), ...]} and the SM id."""
+    n_blocks = int(np.prod(grid))
+    wgs = int(np.prod(block)) // 128
+    e = raw.reshape(n_blocks, wgs, entries).astype(np.int64)
+    exit_bit = 1 << 31
+    out = []
+    for bi in range(n_blocks):
+        per_wg = []
+        for w in range(wgs):
+            used = int(e[bi, w, 2])
+            tr = e[bi, w, 3: 3 + used].reshape(-1, 2)
+            open_, spans = {}, {}
+            for tag, clk in tr:
+                name = names[int(tag) & ~exit_bit]
+                if tag & exit_bit:
+                    spans.setdefault(name, []).append((open_.pop(name), int(clk)))
+                else:
+                    open_[name] = int(clk)
+            per_wg.append(spans)
+        out.append((int(e[bi, 0, 1]), int(e[bi, 0, 0]), per_wg))
+    return out
+
+
+def tiles_per_block(w: wl.Workload, d: dict, n_hp: int):
+    """The K/V tiles each block visits, in the kernel's block order (block = hp * slots + slot)."""
+    import jax.numpy as jnp
+    from ragged_paged_attention import mosaic_prefill as mp
+    from ragged_paged_attention.plan import mosaic_config
+
+    block_kv, _ = mosaic_config(w.head_dim)
+    tab = np.asarray(mp.slot_table(jnp.asarray(d["query_start_loc"]), jnp.asarray(d["context_lens"]),
+                                   jnp.asarray([d["num_seqs"]], jnp.int32), total_tokens=w.padded_tokens,
+                                   pages_per_seq=w.pages_per_seq, page_size=w.page_size, dec_q=16,
+                                   window=w.sliding_window))
+    seq, tok0, v0, rows, pos_off = tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], tab[:, 5]
+    first = tok0 + v0 + pos_off
+    hi = np.maximum(first + rows, 0)
+    lo = np.maximum(first - w.sliding_window + 1, 0) if w.sliding_window else np.zeros_like(hi)
+    n = np.where(seq >= 0, (hi + block_kv - 1) // block_kv - lo // block_kv, 0)
+    return np.tile(n, n_hp)
+
+
+def kernel_us(f, reps=20) -> float:
+    import jax
+
+    out = f()
+    jax.block_until_ready(out)
+    ts = []
+    import time
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e6)
+
+
+def one(w: wl.Workload) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from ragged_paged_attention import mosaic_prefill as mp
+    from ragged_paged_attention.reference import sink_logits
+
+    d = wl.build(w, seed=0)
+    q = jnp.asarray(d["queries"], jnp.bfloat16)
+    kv = jnp.asarray(d["kv_pages"], jnp.bfloat16)
+    bt = jnp.asarray(d["block_tables"], jnp.int32)
+    slots = mp.slot_table(jnp.asarray(d["query_start_loc"], jnp.int32), jnp.asarray(d["context_lens"], jnp.int32),
+                          jnp.asarray([d["num_seqs"]], jnp.int32), total_tokens=w.padded_tokens,
+                          pages_per_seq=w.pages_per_seq, page_size=w.page_size, dec_q=16, window=w.sliding_window)
+    sinks = None
+    if w.sinks:
+        sinks = sink_logits(jnp.asarray(d["softmax_aux"], jnp.float32), w.num_q_heads, w.num_kv_heads)
+    sink_ml = mp.sink_table(sinks, w.num_q_heads)
+    kw = dict(num_kv_heads=w.num_kv_heads, page_size=w.page_size, sm_scale=w.head_dim ** -0.5,
+              soft_cap=w.soft_cap, window=w.sliding_window, dec_q=16)
+    plain_us = kernel_us(lambda: mp.prefill(q, kv, bt, slots, sink_ml, **kw))
+    got, restore = capture()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            traced = lambda: mp.prefill(q, kv, bt, slots, sink_ml, profile_dir=tmp, **kw)  # noqa: E731
+            traced_us = kernel_us(traced, reps=5)
+            jax.effects_barrier()
+    finally:
+        restore()
+    raw, grid, block, names, entries = got[-1]
+    blocks = parse(raw, grid, block, names, entries)
+    n_hp = w.num_q_heads // 2
+    tiles = tiles_per_block(w, d, n_hp)
+    # Per SM, blocks in clock order: [first stamp, last stamp] of each (any warpgroup).
+    per_sm = {}
+    for bi, (sm, start_ns, wgs) in enumerate(blocks):
+        stamps = [c for spans_ in wgs for v in spans_.values() for ab in v for c in ab]
+        if stamps:
+            per_sm.setdefault(sm, []).append((min(stamps), max(stamps), start_ns, bi))
+    gaps, busy, total, rate = [], 0, 0, []
+    for lst in per_sm.values():
+        lst.sort()
+        busy += sum(b - a for a, b, _, _ in lst)
+        total += lst[-1][1] - lst[0][0]
+        gaps += [lst[i + 1][0] - lst[i][1] for i in range(len(lst) - 1)]
+        # The SM clock against the global timer (ns, low 32 bits) between its first and last block.
+        dt = (lst[-1][2] - lst[0][2]) % (1 << 32)
+        if len(lst) > 1 and dt > 0:
+            rate.append((lst[-1][0] - lst[0][0]) / dt * 1e3)
+    mhz = float(np.median(rate)) if rate else float("nan")
+    cyc_us = 1.0 / mhz
+    # Phases: mean cycles per block that has the phase, and its share of all SM time.
+    phase = {}
+    for w_idx, names_ in ((0, CONSUMER), (1, CONSUMER), (2, PRODUCER)):
+        for name in names_:
+            durs = [sum(b - a for a, b in wgs[w_idx].get(name, [])) for _, _, wgs in blocks
+                    if name in wgs[w_idx]]
+            if durs:
+                phase[f"wg{w_idx}:{name}"] = dict(blocks=len(durs), mean_cycles=round(float(np.mean(durs))),
+                                                  p90_cycles=round(float(np.percentile(durs, 90))),
+                                                  share=round(float(np.sum(durs)) / max(total, 1), 4))
+    # The tile loops' cycles against the tiles a block visits.
+    fits = {}
+    for w_idx in (0, 1):
+        x, y_all = [], []
+        for bi, (_, _, wgs) in enumerate(blocks):
+            sp = wgs[w_idx]
+            if "setup" not in sp or tiles[bi] <= 0:
+                continue
+            loop = sum(b - a for k in ("edge_lo", "full", "diagonal") for a, b in sp.get(k, []))
+            x.append(tiles[bi])
+            y_all.append(loop)
+        if len(x) > 2:
+            A = np.stack([np.ones(len(x)), np.asarray(x, float)], 1)
+            coef = np.linalg.lstsq(A, np.asarray(y_all, float), rcond=None)[0]
+            fits[f"wg{w_idx}"] = dict(fixed_cycles=round(float(coef[0])), per_tile_cycles=round(float(coef[1])),
+                                      blocks=len(x), mean_tiles=round(float(np.mean(x)), 2))
+    return dict(workload=w.name, grid=list(grid), sm_clock_mhz=round(mhz), kernel_us=round(plain_us, 1),
+                kernel_us_profiled=round(traced_us, 1), blocks_traced=sum(len(v) for v in per_sm.values()),
+                sms=len(per_sm), sm_busy_share=round(busy / max(total, 1), 4),
+                gap_between_blocks=dict(mean_cycles=round(float(np.mean(gaps))) if gaps else None,
+                                        median_cycles=round(float(np.median(gaps))) if gaps else None,
+                                        mean_us=round(float(np.mean(gaps)) * cyc_us, 3) if gaps else None),
+                blocks_per_sm=round(float(np.mean([len(v) for v in per_sm.values()])), 1),
+                span_per_sm_us=round(total / max(len(per_sm), 1) * cyc_us, 1),
+                loop_fit=fits, phases=phase)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-k", default="prefill_b8_2k,prefill_b1_16k,chunked_b4_1k_of_8k,mixed_4p_60d")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    names = args.k.split(",")
+    rows = []
+    for w in wl.suite():
+        if w.name in names:
+            r = one(w)
+            rows.append(r)
+            print(json.dumps(r, indent=1), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
