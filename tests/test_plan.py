@@ -7,12 +7,13 @@ stages): only grids and run-time sizes may change.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 
 from ragged_paged_attention import tuning
-from ragged_paged_attention.plan import attention_plan, decode_tokens, pointer_dtypes, write_plan
+from ragged_paged_attention.plan import MOSAIC_PREFILL, attention_plan, decode_tokens, pointer_dtypes, write_plan
 from ragged_paged_attention.triton import compile_key
 from ragged_paged_attention.validate import Dims
 
@@ -148,3 +149,25 @@ def test_mosaic_prefill_replaces_only_the_first_launch():
     assert mosaic.buffers == triton.buffers and mosaic.result == "out"
     with pytest.raises(ValueError, match="prefill must be"):
         plan_for(d, prefill="cuda")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(slot_order=True), dict(prefill="mosaic"),
+                                dict(kv_dtype="float8_e4m3fn"), dict(sliding_window=100, logits_soft_cap=30.0)])
+def test_launch_arguments_are_the_kernels_runtime_parameters(kw):
+    """Every Triton launch passes exactly the kernel's run-time parameters (pointers, then sizes): a
+    tl.constexpr the launch leaves out takes its default and is no parameter (session 7: the decode
+    launch, which does not set SLOT_ORDER, compiled it as an int32 argument and every JAX-door call
+    failed on the GPU with CUDA_ERROR_INVALID_VALUE or a host crash)."""
+    from ragged_paged_attention.triton import check_arguments, signature
+
+    for d in (dims(16, 8), dims(2048, 64)):
+        plan = plan_for(d, **kw)
+        for launch in plan.launches:
+            if launch.kernel == MOSAIC_PREFILL:
+                continue
+            ptrs = pointer_dtypes(plan, launch, dict(queries="bfloat16", kv_pages=kw.get("kv_dtype", "bfloat16")))
+            check_arguments(launch, ptrs)
+            sig = signature(launch.kernel, launch.constexprs, ptrs)
+            assert [v for v in sig.values() if v == "i32"] == ["i32"] * len(launch.scalars)
+            with pytest.raises(ValueError, match="run-time parameters"):
+                check_arguments(dataclasses.replace(launch, scalars=launch.scalars[:-1]), ptrs)

@@ -8,6 +8,7 @@ default ``~/.triton/cache``) keeps them across processes: a second process start
 from __future__ import annotations
 
 import functools
+import inspect
 
 # (lowest, first unsupported) Triton release: the kernel ABI jaxlib's launcher and these kernels
 # were tested with (3.6.0 on the GPU; see the README's support table).
@@ -68,8 +69,11 @@ def constexprs(consts) -> dict:
 
 def signature(name: str, consts, pointer_dtypes: tuple[str, ...]) -> dict[str, str]:
     """{parameter: Triton type} of kernel `name`: its first parameters are the pointers (typed by
-    their arrays' dtype names), the other non-constexpr ones run-time int32 sizes."""
-    const_names = {k for k, _ in consts}
+    their arrays' dtype names), the other non-constexpr ones run-time int32 sizes. A tl.constexpr
+    parameter the launch leaves out takes its default (full_constexprs): it must not become a
+    run-time parameter, which the launch would not pass (jaxlib then launches with the wrong
+    arguments: CUDA_ERROR_INVALID_VALUE or a host crash)."""
+    const_names = {k for k, _ in consts} | set(constexpr_params(name))
     sig = {}
     for i, arg in enumerate(kernel(name).arg_names):
         if arg in const_names:
@@ -79,6 +83,30 @@ def signature(name: str, consts, pointer_dtypes: tuple[str, ...]) -> dict[str, s
         else:
             sig[arg] = "i32"
     return sig
+
+
+def constexpr_params(name: str) -> dict:
+    """{name: default (inspect.Parameter.empty: none)} of kernel `name`'s tl.constexpr parameters
+    (read from its Python function: the same compiled or under TRITON_INTERPRET)."""
+    import triton.language as tl
+
+    params = inspect.signature(kernel(name).fn).parameters.values()
+    return {p.name: p.default for p in params
+            if p.annotation is tl.constexpr or (isinstance(p.annotation, str) and p.annotation.endswith("constexpr"))}
+
+
+def full_constexprs(name: str, consts) -> dict:
+    """constexprs(consts) plus the defaults of kernel `name`'s tl.constexpr parameters not given."""
+    given = dict(consts)
+    out = {}
+    for k, default in constexpr_params(name).items():
+        if k not in given:
+            if default is inspect.Parameter.empty:
+                raise ValueError(f"{name}: constexpr {k} has no default and the launch does not set it")
+            out[k] = default
+    out.update(constexprs(consts))
+    return out
+
 
 
 def assumes_aligned(dtype_name: str) -> bool:
@@ -108,14 +136,25 @@ def _compile(key: tuple):
                            "ragged_paged_attention.triton.kernels was imported, so it cannot be compiled")
     sig = signature(name, consts, pointer_dtypes)
     attrs = {(i,): [["tt.divisibility", 16]] for i, dt in enumerate(pointer_dtypes) if assumes_aligned(dt)}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs(consts), attrs=attrs)
+    src = ASTSource(fn=fn, signature=sig, constexprs=full_constexprs(name, consts), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_launch(launch, pointer_dtypes: tuple[str, ...], arch: int = 90):
-    """triton.compile of one launch for sm_<arch> (no GPU needed); cached in process and on disk."""
+    """triton.compile of one launch for sm_<arch> (no GPU needed); cached in process and on disk.
+    Refuses a launch whose arguments (pointers, then run-time sizes) are not exactly the compiled
+    kernel's run-time parameters: launching it would read the wrong arguments."""
+    check_arguments(launch, pointer_dtypes)
     return _compile(compile_key(launch, pointer_dtypes, arch))
+
+
+def check_arguments(launch, pointer_dtypes: tuple[str, ...]) -> None:
+    sig = signature(launch.kernel, launch.constexprs, pointer_dtypes)
+    runtime = [k for k, v in sig.items() if v != "constexpr"]
+    if len(runtime) != len(pointer_dtypes) + len(launch.scalars):
+        raise ValueError(f"{launch.kernel}: the launch passes {len(pointer_dtypes)} pointers and "
+                         f"{len(launch.scalars)} sizes, the kernel takes {len(runtime)} run-time parameters: {runtime}")
 
 
 def compiled_count() -> int:
