@@ -6,13 +6,14 @@ Runs the kernel once with Mosaic GPU's on-device profiler (mosaic_prefill.prefil
 each warpgroup stamps the SM clock at the kernel's named scopes: entry, setup (Q copy and the first
 K tile's wait), stagger, the edge_lo / full / diagonal tile loops, unstagger, store, store_wait,
 zero_rows; the producer's fill and stream) and prints per workload:
-- the kernel time with and without the profiler (wall time of one call, median of 20 / 5);
+- the kernel time without the profiler (8 calls in one jit, median of 10 runs, per call);
 - per phase and warpgroup: the mean cycles per block and its share of the SMs' time;
 - the loop's cost per K/V tile (a least-squares fit of the loop's cycles on the tiles a block
   visits: cycles = fixed + per_tile * tiles);
 - per SM, the cycles between one block's last stamp and the next block's first (block exit,
   launch and the kernel's entry: what the SM does no work in), and the SMs' busy share; the SM
-  clock rate from the stamps against the global timer (to turn cycles into microseconds).
+  clock rate from the stamps against the global timer (to turn cycles into microseconds). The gaps
+  include the profiler's own epilogue (each warpgroup's events copied to global memory).
 The profiler's raw buffer is read directly (ProfilerSpec.dump is wrapped): the SM clock of every
 stamp, so the gaps between blocks on one SM are exact. Issue 16's question: what the ~5 us per
 block that a fit of v5's timings found (benchmarks/NOTES.md v5) is made of.
@@ -75,8 +76,9 @@ def parse(raw, grid, block, names, entries):
     return out
 
 
-def tiles_per_block(w: wl.Workload, d: dict, n_hp: int):
-    """The K/V tiles each block visits, in the kernel's block order (block = hp * slots + slot)."""
+def tiles_per_block(w: wl.Workload, d: dict, n_hp: int, grid: tuple[int, ...] = ()):
+    """The K/V tiles each block visits, by the profiler's block index ((x * grid_y + y) * grid_z + z
+    over CUDA's grid; x is the head pair, y the slot table's row; per slot when grid is empty)."""
     import jax.numpy as jnp
     from ragged_paged_attention import mosaic_prefill as mp
     from ragged_paged_attention.plan import mosaic_config
@@ -91,21 +93,26 @@ def tiles_per_block(w: wl.Workload, d: dict, n_hp: int):
     hi = np.maximum(first + rows, 0)
     lo = np.maximum(first - w.sliding_window + 1, 0) if w.sliding_window else np.zeros_like(hi)
     n = np.where(seq >= 0, (hi + block_kv - 1) // block_kv - lo // block_kv, 0)
+    if not grid:
+        return n
+    assert tuple(grid[:2]) == (n_hp, len(n)), (grid, n_hp, len(n))
     return np.tile(n, n_hp)
 
 
-def kernel_us(f, reps=20) -> float:
+def kernel_us(f, qs: list, reps: int = 10) -> float:
+    """us per kernel: f over distinct query arrays in one jit (so XLA merges none), median of reps."""
+    import time
+
     import jax
 
-    out = f()
-    jax.block_until_ready(out)
+    g = jax.jit(lambda qs: [f(q) for q in qs])
+    jax.block_until_ready(g(qs))
     ts = []
-    import time
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(f())
+        jax.block_until_ready(g(qs))
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1e6)
+    return float(np.median(ts)) * 1e6 / len(qs)
 
 
 def one(w: wl.Workload) -> dict:
@@ -127,19 +134,20 @@ def one(w: wl.Workload) -> dict:
     sink_ml = mp.sink_table(sinks, w.num_q_heads)
     kw = dict(num_kv_heads=w.num_kv_heads, page_size=w.page_size, sm_scale=w.head_dim ** -0.5,
               soft_cap=w.soft_cap, window=w.sliding_window, dec_q=16)
-    plain_us = kernel_us(lambda: mp.prefill(q, kv, bt, slots, sink_ml, **kw))
+    qs = [q * (1 + i / 64) for i in range(8)]
+    plain_us = kernel_us(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), qs)
     got, restore = capture()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            traced = lambda: mp.prefill(q, kv, bt, slots, sink_ml, profile_dir=tmp, **kw)  # noqa: E731
-            traced_us = kernel_us(traced, reps=5)
+            for _ in range(2):  # the second call's trace: a warm L2 and TLB, as in a run of calls
+                jax.block_until_ready(mp.prefill(q, kv, bt, slots, sink_ml, profile_dir=tmp, **kw))
             jax.effects_barrier()
     finally:
         restore()
     raw, grid, block, names, entries = got[-1]
     blocks = parse(raw, grid, block, names, entries)
     n_hp = w.num_q_heads // 2
-    tiles = tiles_per_block(w, d, n_hp)
+    tiles = tiles_per_block(w, d, n_hp, grid)
     # Per SM, blocks in clock order: [first stamp, last stamp] of each (any warpgroup).
     per_sm = {}
     for bi, (sm, start_ns, wgs) in enumerate(blocks):
@@ -185,7 +193,7 @@ def one(w: wl.Workload) -> dict:
             fits[f"wg{w_idx}"] = dict(fixed_cycles=round(float(coef[0])), per_tile_cycles=round(float(coef[1])),
                                       blocks=len(x), mean_tiles=round(float(np.mean(x)), 2))
     return dict(workload=w.name, grid=list(grid), sm_clock_mhz=round(mhz), kernel_us=round(plain_us, 1),
-                kernel_us_profiled=round(traced_us, 1), blocks_traced=sum(len(v) for v in per_sm.values()),
+                blocks_traced=sum(len(v) for v in per_sm.values()),
                 sms=len(per_sm), sm_busy_share=round(busy / max(total, 1), 4),
                 gap_between_blocks=dict(mean_cycles=round(float(np.mean(gaps))) if gaps else None,
                                         median_cycles=round(float(np.median(gaps))) if gaps else None,

@@ -22,9 +22,9 @@ One CUDA block per (query-block slot, pair of query heads of one KV head), three
 
 Batch sizes are run-time values: the slot table (``slot_table``, one small XLA fusion per call)
 maps each slot to its sequence, first token, valid rows and key length, and the rows of no sequence
-each slot must zero. The grid is (head pairs, T // 64 + max_num_seqs) with the heads fastest (the
-blocks of one sequence and KV head run side by side and share K/V in L2); the table's rows, and so
-the blocks, come heaviest first across all sequences (by the keys each block sees). Sequences with at most DEC_Q queries are
+each slot must zero. The grid is (T // 64 + max_num_seqs, head pairs), launched head pairs fastest
+(the blocks of one slot run side by side, two per KV head, and share K/V in L2); the table's rows,
+and so the blocks, come heaviest first across all sequences (by the keys each block sees). Sequences with at most DEC_Q queries are
 left to the Triton decode launch, which writes their rows into this kernel's output in place.
 
 Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
@@ -300,16 +300,22 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     if masked:
                         r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
                         c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                        q_pos = r + (tok0 + pos_off)
-                        jj = c & (cu - 1)
-                        ks = t * block_kv + (c - jj)          # first key of the column's copy unit
-                        part = kv_len - ks
-                        # the unit holding the last key came in shifted (see the producer)
-                        shift = jnp.where((part > 0) & (part < cu), cu - ((part + 7) & ~7), 0)
-                        k_pos = ks + jj - shift
-                        ok = (jj >= shift) & (k_pos < kv_len) & (k_pos <= q_pos)
+                        # Per tile, scalars: the last key's column, the copy unit holding it, which
+                        # came in shifted back by sh_last rows (see the producer; 0 when that unit
+                        # is full or not in this tile). Per score only: column c holds key
+                        # t * block_kv + c - sh (sh: its unit's shift), seen by query row r iff
+                        # the key is real (c & (cu - 1) >= sh), at most the last (c - sh <= last)
+                        # and causal (c - sh - r <= diag), within the window.
+                        last = kv_len - 1 - t * block_kv
+                        unit_last = jnp.where((last >= 0) & (last < block_kv), last & ~(cu - 1), -1)
+                        sh_last = cu - (((last & (cu - 1)) + 8) & ~7)
+                        diag = tok0 + pos_off - t * block_kv
+                        sh = jnp.where((c & ~(cu - 1)) == unit_last, sh_last, 0)
+                        kc = c - sh
+                        d = kc - r
+                        ok = ((c & (cu - 1)) >= sh) & (kc <= last) & (d <= diag)
                         if window is not None:
-                            ok = ok & (k_pos > q_pos - window)
+                            ok = ok & (d > diag - window)
                         s = jnp.where(ok, s * scale, -jnp.inf)
                         m_new = jnp.maximum(m_i, s.max(axis=1))
                         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -456,8 +462,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     return plgpu.kernel(
         rpa_mosaic_prefill,
         out_type=jax.ShapeDtypeStruct((t_total, num_q_heads, head_dim), dtype),
-        grid=(num_q_heads // 2, n_slots),
-        grid_names=("hp", "slot"),
+        # Mosaic GPU makes the last grid axis CUDA's x, which the hardware launches first: the
+        # head pairs of a slot go out together, slots in the table's order (heaviest first).
+        grid=(n_slots, num_q_heads // 2),
+        grid_names=("slot", "hp"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(

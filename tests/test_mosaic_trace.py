@@ -1,0 +1,35 @@
+"""tools/mosaic_trace.py's reading of Mosaic GPU's raw profiler buffer (no GPU): per block and
+warpgroup a header (global-timer start, SM id, entries used), then (tag, SM clock) pairs, the tag's
+top bit set on a scope's exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import mosaic_trace  # noqa: E402
+
+EXIT = 1 << 31
+
+
+def test_parse_reads_each_blocks_scopes():
+    names = {0: "entry", 1: "setup", 2: "full"}
+    entries = 3 + 16
+    raw = np.zeros((2, 3, entries), np.uint32)
+    for b in range(2):
+        for w in range(3):
+            base = 1000 * (b + 1) + w
+            trace = [0, base, EXIT | 0, base + 10, 1, base + 20, EXIT | 1, base + 300]
+            if w < 2:
+                trace += [2, base + 400, EXIT | 2, base + 900, 2, base + 950, EXIT | 2, base + 990]
+            raw[b, w, :3] = (5000 + 600 * b, 7 + b, len(trace))
+            raw[b, w, 3: 3 + len(trace)] = trace
+    blocks = mosaic_trace.parse(raw.reshape(-1), (2, 1, 1), (384, 1, 1), names, entries)
+    assert [(sm, start) for sm, start, _ in blocks] == [(7, 5000), (8, 5600)]
+    wg0, wg1, wg2 = blocks[1][2]
+    assert wg0["setup"] == [(2020, 2300)]
+    assert wg1["full"] == [(2401, 2901), (2951, 2991)], "a scope entered twice gives two spans"
+    assert "full" not in wg2 and wg2["entry"] == [(2002, 2012)]
