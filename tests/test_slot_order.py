@@ -1,7 +1,8 @@
-"""The JAX door's launch order for the Triton prefill grid (jax_launch.slot_order, NOTES v6): the
-query-block slots heaviest block first across all sequences. It must be a permutation whatever the
-metadata (every slot's rows are written by exactly one program per KV head), follow the kernel's
-slot -> sequence map, and change no output bit of the kernel (programs are independent)."""
+"""The JAX door's launch order for the Triton prefill grid (jax_launch.slot_order, launch_order.py,
+NOTES v6-v7): the sequence with the most context first, each sequence's slots last first. It must be
+a permutation whatever the metadata (every slot's rows are written by exactly one program per KV
+head), follow the kernel's slot -> sequence map, and change no output bit of the kernel (programs
+are independent)."""
 
 from __future__ import annotations
 
@@ -32,17 +33,19 @@ def _order(launch, qsl, ctx, n):
     return np.asarray(jax_launch.slot_order(launch, env))
 
 
-def _weights(pairs, t, s, block_q, dec_q, window):
-    """Visible keys of each slot's block, walking the sequences (the kernel's slot layout)."""
-    w = np.zeros(t // block_q + s, np.int64)
+def expected_order(pairs, n_slots, block_q, dec_q, window):
+    """launch_order.py's order, walked by hand: sequences by the keys their heaviest block sees
+    (kv_len, window-capped; decode sequences 0), most first, ties the later sequence first; each
+    sequence's slots last first; slots of no sequence (before the first, or past max_num_seqs)
+    last, last first."""
+    seq_of = np.full(n_slots, -1)
     start = 0
-    for i, (q, kv) in enumerate(pairs):
-        if q > dec_q:
-            for j in range(-(-q // block_q)):
-                keys = kv - q + min((j + 1) * block_q, q)
-                w[start // block_q + i + j] = keys if window is None else min(keys, window + block_q)
+    for i, (q, _) in enumerate(pairs):
+        seq_of[start // block_q + i:] = i                  # the kernel's map: the last i starting at or before b
         start += q
-    return w
+    weight = [(min(kv, window + block_q) if window else kv) if q > dec_q else 0 for q, kv in pairs]
+    rank = {i: r for r, i in enumerate(sorted(range(len(pairs)), key=lambda i: (-weight[i], -i)))}
+    return np.array(sorted(range(n_slots), key=lambda b: (rank.get(seq_of[b], len(pairs)), -b)))
 
 
 @pytest.mark.parametrize("window", [None, 40])
@@ -51,7 +54,7 @@ def _weights(pairs, t, s, block_q, dec_q, window):
     [(1, 300), (3, 10), (40, 40), (17, 17), (200, 900), (1, 1)],
     [(64, 64)],
 ])
-def test_order_is_longest_block_first(pairs, window):
+def test_order_is_most_context_first_by_sequence(pairs, window):
     t = sum(q for q, _ in pairs) + 5          # padded rows past the last sequence
     s = len(pairs) + 3                        # dead sequence slots
     launch = _plan(t, s, window=window).launches[0]
@@ -60,9 +63,18 @@ def test_order_is_longest_block_first(pairs, window):
     qsl = np.concatenate([[0], np.cumsum([q for q, _ in pairs]), np.full(3, sum(q for q, _ in pairs))])
     ctx = np.array([kv for _, kv in pairs] + [0, 0, 0])
     order = _order(launch, qsl, ctx, len(pairs))
-    w = _weights(pairs, t, s, block_q, dec_q, window)
-    assert order.shape == (launch.grid[0] // 2,) == w.shape
-    np.testing.assert_array_equal(order, np.argsort(-w, kind="stable"))
+    n_slots = launch.grid[0] // 2
+    assert order.shape == (n_slots,)
+    np.testing.assert_array_equal(order, expected_order(pairs, n_slots, block_q, dec_q, window))
+
+
+def test_equal_sequences_keep_the_last_slot_first_order():
+    """A batch of equal sequences launches as the kernel's own order does (last slot first): the
+    blocks that run together share a sequence's K/V in L2."""
+    launch = _plan(1024, 4).launches[0]
+    n_slots = launch.grid[0] // 2
+    order = _order(launch, [0, 256, 512, 768, 1024], [512] * 4, 4)
+    np.testing.assert_array_equal(order, np.arange(n_slots)[::-1])
 
 
 def test_garbage_metadata_still_gives_a_permutation():
@@ -110,3 +122,22 @@ def test_kernel_output_does_not_depend_on_the_order(name):
     np.testing.assert_array_equal(outs[1], outs[0])
     res = backends.Result(outs[1].astype(np.float64), "float32", outs[1].shape)
     check_result(res, batch, batch.oracle(), 2e-5)
+
+
+def test_launch_order_is_a_permutation_for_any_input():
+    """launch_order.slot_order with arbitrary slot -> sequence maps (out of range, unsorted) and
+    weights (negative, tied): always a permutation, sequences contiguous, each last slot first."""
+    from ragged_paged_attention import launch_order
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n_slots, n_seq = int(rng.integers(1, 60)), int(rng.integers(1, 9))
+        seq = rng.integers(-3, n_seq + 3, n_slots).astype(np.int32)
+        weight = rng.integers(-5, 4, n_seq).astype(np.int32)
+        order = np.asarray(launch_order.slot_order(jnp.asarray(seq), jnp.asarray(weight)))
+        np.testing.assert_array_equal(np.sort(order), np.arange(n_slots))
+        live = np.where((seq >= 0) & (seq < n_seq), seq, -1)[order]
+        runs = [k for i, k in enumerate(live) if i == 0 or k != live[i - 1]]
+        assert len(runs) == len(set(runs)), "each sequence's slots launch together"
+        for k in set(runs):
+            assert (np.diff(order[live == k]) < 0).all(), "last slot first"

@@ -24,6 +24,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 
+from . import launch_order
 from . import triton as rpa_triton
 from .plan import MOSAIC_PREFILL, Plan
 
@@ -151,13 +152,11 @@ def run(plan: Plan, arrays: dict) -> jax.Array:
 
 
 def slot_order(launch, env: dict) -> jax.Array:
-    """The Triton prefill launch's slot order: heaviest block first across all sequences (longest
-    processing time first: with the causal blocks of several sequences the last-slot-first order
-    can leave a sequence's heaviest blocks to the end, benchmarks/NOTES.md v6), then slots with
-    no prefill block. A block's weight is its visible key count (window-capped): the K/V tiles it
-    reads. Computed from the metadata with the kernel's clamps; any metadata gives a permutation
-    (a stable argsort), so every slot's rows are still written by exactly one program per KV head.
-    Within one jit, the layers of a step share the computation (XLA CSE: the same inputs)."""
+    """The Triton prefill launch's slot order (launch_order.py): the sequence with the most context
+    first, each sequence's slots last first. Computed from the metadata with the kernel's clamps
+    and its slot -> sequence map; any metadata gives a permutation, so every slot's rows are still
+    written by exactly one program per KV head. Within one jit, the layers of a step share the
+    computation (XLA CSE: the same inputs)."""
     c = launch.constexpr_dict
     total_tokens, max_num_seqs, pages_per_seq, _ = launch.scalars
     block_q, dec_q = c["BLOCK_Q"], c["DEC_Q"]
@@ -171,18 +170,10 @@ def slot_order(launch, env: dict) -> jax.Array:
     # The kernel's slot -> sequence map: the last live i with q_start // BLOCK_Q + i <= slot.
     starts = jnp.where(i < n, q_start // block_q + i, jnp.iinfo(jnp.int32).max)
     b = jnp.arange(n_slots, dtype=jnp.int32)
-    # compare_all: one fusion (the default binary search is a while loop, a host round trip per
-    # step on a GPU); slots x sequences compares, about a million at the largest buckets.
-    seq = jnp.searchsorted(starts, b, side="right", method="compare_all").astype(jnp.int32) - 1
-    s = jnp.maximum(seq, 0)
-    qs, qe, kv, q_len = q_start[s], q_end[s], kv_len[s], q_end[s] - q_start[s]
-    tok0 = qs + (b - starts[s]) * block_q
-    last_tok = jnp.minimum(tok0 + block_q, qe) - 1
-    keys = jnp.maximum(kv - q_len + (last_tok - qs) + 1, 0)
-    if c["USE_WINDOW"]:
-        keys = jnp.minimum(keys, c["WINDOW"] + block_q)
-    keys = jnp.where((seq >= 0) & (q_len > dec_q) & (tok0 < qe), keys, 0)
-    return jnp.argsort(-keys, stable=True).astype(jnp.int32)
+    seq = jnp.max(jnp.where(starts[None, :] <= b[:, None], i[None, :], -1), axis=1)
+    keys = kv_len if not c["USE_WINDOW"] else jnp.minimum(kv_len, c["WINDOW"] + block_q)
+    weight = jnp.where((i < n) & (q_end - q_start > dec_q), keys, 0)
+    return launch_order.slot_order(seq, weight)
 
 
 def _mosaic_prefill(launch, env: dict) -> jax.Array:

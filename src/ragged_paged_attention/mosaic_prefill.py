@@ -24,7 +24,8 @@ Batch sizes are run-time values: the slot table (``slot_table``, one small XLA f
 maps each slot to its sequence, first token, valid rows and key length, and the rows of no sequence
 each slot must zero. The grid is (T // 64 + max_num_seqs, head pairs), launched head pairs fastest
 (the blocks of one slot run side by side, two per KV head, and share K/V in L2); the table's rows,
-and so the blocks, come heaviest first across all sequences (by the keys each block sees). Sequences with at most DEC_Q queries are
+and so the blocks, come in launch_order.py's order: the sequence with the most context first,
+each sequence's slots last (heaviest) first. Sequences with at most DEC_Q queries are
 left to the Triton decode launch, which writes their rows into this kernel's output in place.
 
 Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
@@ -49,6 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import launch_order
 from .plan import MOSAIC_BLOCK_Q as BLOCK_Q
 from .plan import mosaic_config as config
 
@@ -112,10 +114,10 @@ def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pa
     pos_off), and the rows of its aligned chunk [64 b, 64 b + 64) that belong to no sequence (two
     ranges: start, count). Every value is clamped into the arrays, whatever the metadata holds.
 
-    The rows come heaviest block first (the kernel's block k takes row k): longest processing time
-    first across all sequences, by the keys a block sees (its last row's, capped by the window),
-    then the slots with no prefill block (they only zero rows). A stable argsort: any metadata
-    gives a permutation of the slots, so every row is still written by exactly one block."""
+    The rows come in launch order (the kernel's block k takes row k; launch_order.py): the
+    sequence with the most keys (capped by the window) first, each sequence's slots last first,
+    slots of no sequence last. Any metadata gives a permutation of the slots, so every row is
+    still written by exactly one block."""
     t, s = total_tokens, context_lens.shape[0]
     n_slots = t // BLOCK_Q + s
     num = jnp.clip(num_seqs.reshape(())[()], 0, s)
@@ -143,10 +145,12 @@ def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pa
     zb_n = jnp.clip(z1 - zb0, 0, BLOCK_Q)
     cols = (jnp.where(work, sc, -1), jnp.where(work, tok0, 0), jnp.where(work, v0, 0), jnp.where(work, rows, 0),
             kv_len, kv_len - q_end, z0, za_n, jnp.minimum(zb0, t), zb_n)
-    keys = jnp.maximum(kv_len - q_end + tok0 + v0 + rows, 0)      # the last valid row's position + 1
-    if window is not None:
-        keys = jnp.minimum(keys, window + BLOCK_Q)
-    order = jnp.argsort(jnp.where(work, -keys, 1), stable=True)
+    # Launch order (launch_order.py): sequences by the keys their last block sees, most first.
+    ctx = jnp.clip(context_lens.astype(jnp.int32), 0, pages_per_seq * page_size)
+    keys = ctx if window is None else jnp.minimum(ctx, window + BLOCK_Q)
+    q_len = jnp.clip(qsl[1: s + 1], qsl[:s], t) - qsl[:s]
+    weight = jnp.where((idx < num) & (q_len > dec_q), keys, 0)
+    order = launch_order.slot_order(seq, weight)
     return jnp.stack(cols, axis=1).astype(jnp.int32)[order]
 
 
@@ -210,7 +214,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         (q_smem, k_smem, v_smem, o_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
         with jax.named_scope("entry"):   # the first event of a block's trace: its start
             hp = lax.axis_index("hp")
-            b = lax.axis_index("slot")    # the slot table's rows come heaviest first
+            b = lax.axis_index("slot")    # the slot table's rows come in launch order
             wg = lax.axis_index("wg")
             kvh = (2 * hp) // group
             seq = slot_ref[b, 0]
