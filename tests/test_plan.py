@@ -171,3 +171,24 @@ def test_launch_arguments_are_the_kernels_runtime_parameters(kw):
             assert [v for v in sig.values() if v == "i32"] == ["i32"] * len(launch.scalars)
             with pytest.raises(ValueError, match="run-time parameters"):
                 check_arguments(dataclasses.replace(launch, scalars=launch.scalars[:-1]), ptrs)
+
+
+def test_a_defaulted_constexpr_is_never_a_runtime_parameter(monkeypatch):
+    """The compile step's view of a kernel with a tl.constexpr default the launch does not set: a
+    constexpr taking its default (the bug of session 7 typed it as a run-time int32)."""
+    import triton
+    import triton.language as tl
+
+    import ragged_paged_attention.triton as rt
+
+    @triton.jit
+    def k(x_ptr, n, A: tl.constexpr, B: tl.constexpr = 3):
+        tl.store(x_ptr, n + A + B)
+
+    monkeypatch.setattr(rt, "kernel", lambda name: k)
+    assert rt.signature("k", (("A", 1),), ("float32",)) == {"x_ptr": "*fp32", "n": "i32", "A": "constexpr",
+                                                             "B": "constexpr"}
+    assert rt.full_constexprs("k", (("A", 1),)) == {"A": 1, "B": 3}
+    assert rt.full_constexprs("k", (("A", 1), ("B", 5))) == {"A": 1, "B": 5}
+    with pytest.raises(ValueError, match="constexpr A has no default"):
+        rt.full_constexprs("k", ())

@@ -108,7 +108,6 @@ def full_constexprs(name: str, consts) -> dict:
     return out
 
 
-
 def assumes_aligned(dtype_name: str) -> bool:
     """Whether a pointer of this dtype is compiled as 16-byte aligned (vectorised loads). Float data
     (queries, cache, outputs, scratch) comes from torch or XLA allocations, which are; int32 index
@@ -150,6 +149,7 @@ def compile_launch(launch, pointer_dtypes: tuple[str, ...], arch: int = 90):
 
 
 def check_arguments(launch, pointer_dtypes: tuple[str, ...]) -> None:
+    """ValueError unless the launch's pointers and sizes are the kernel's run-time parameters."""
     sig = signature(launch.kernel, launch.constexprs, pointer_dtypes)
     runtime = [k for k, v in sig.items() if v != "constexpr"]
     if len(runtime) != len(pointer_dtypes) + len(launch.scalars):
