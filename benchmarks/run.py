@@ -3,7 +3,8 @@ copy and matmul ceilings measured in the same run; server-shaped rows against th
 flash-attn3-jax beside ours (--peers); the start-up record (--startup). Nothing is written unless
 --out is given. Without a GPU: the shrunk suite through implementation="xla", a smoke test.
 
-    python benchmarks/run.py [--quick] [-k SUBSTR] [--impl triton torch xla] [--peers] [--startup] [--out X.json]
+    python benchmarks/run.py [--quick] [-k SUBSTR] [--impl triton torch xla] [--peers] [--page-sizes N ...]
+                             [--startup] [--out X.json]
     python -m ragged_paged_attention bench ...   (the same)
 """
 
@@ -375,6 +376,9 @@ def parse(argv) -> argparse.Namespace:
                    "(several: SUBSTR|SUBSTR|...)")
     p.add_argument("--out", type=Path, help="JSON path; the PNG chart goes beside it (nothing is written without it)")
     p.add_argument("--peers", action="store_true", help=f"time {PEER} beside ours (exact-shape rows)")
+    p.add_argument("--page-sizes", type=int, nargs="+", default=[], metavar="N",
+                   help="also each exact-shape row with its cache in pages of N tokens (row@pN; x twin: "
+                        "against page 16, the cost of the page gathers)")
     p.add_argument("--startup", action="store_true", help="the start-up record (two fresh processes)")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which the remaining workloads are skipped")
     p.add_argument("--impl", nargs="+", choices=IMPLS, help="default: triton mosaic torch on a GPU, xla elsewhere "
@@ -394,6 +398,7 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no workload name contains {args.k!r}: {[w.name for w in wl.suite()]}", file=sys.stderr)
         return 2
+    rows = [v for w in rows for v in [w] + [wl.repaged(w, p) for p in args.page_sizes if w.tokens is None]]
     device = jax.devices()[0].device_kind if gpu else f"cpu ({platform.machine()})"
     if not gpu:
         print("no GPU found: running the shrunk suite through implementation='xla' (a smoke test, not a benchmark)")
@@ -422,7 +427,7 @@ def main(argv=None) -> int:
             doc.setdefault("skipped_after_deadline", []).append(w.name)
             continue
         inp = Inputs(w, gpu)
-        for impl in impls + ([PEER] if args.peers and gpu and w.tokens is None else []):
+        for impl in impls + ([PEER] if args.peers and gpu and "@" not in w.name else []):
             try:
                 if impl != "xla" and not gpu:
                     got = [{"note": "skipped: needs an NVIDIA GPU"}]

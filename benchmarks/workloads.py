@@ -99,6 +99,12 @@ def server(w: Workload, tokens: int, slots: int) -> Workload:
     return dataclasses.replace(w, name=f"{w.twin}@T{tokens}xS{slots}", tokens=tokens, slots=slots)
 
 
+def repaged(w: Workload, page_size: int) -> Workload:
+    """`w` with its cache in pages of `page_size` tokens (named w@p<size>; its twin is w): against
+    the page-16 row, what the page gathers cost (one page per sequence: contiguous K/V)."""
+    return dataclasses.replace(w, name=f"{w.twin}@p{page_size}", page_size=page_size)
+
+
 def suite() -> list[Workload]:
     """Every row: each workload followed by its server-shaped variants."""
     return [v for w in SUITE for v in [w] + [server(w, t, s) for n, t, s in SERVER_SHAPES if n == w.name]]

@@ -172,3 +172,17 @@ def test_chart_without_matplotlib_claims_no_file(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert "skipped" in run.chart({"results": []}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_page_size_rows_compare_with_their_page_16_twin(run, tmp_path):
+    """--page-sizes adds row@pN (the same batch, its cache in pages of N tokens) beside each
+    exact-shape row, timed against it (x twin); server rows get none."""
+    path = tmp_path / "pages.json"
+    assert run.main(["--quick", "-k", "chunked_b4_1k_of_8k", "--page-sizes", "256", "--out", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    names = list(doc["workloads"])
+    assert names[:2] == ["chunked_b4_1k_of_8k", "chunked_b4_1k_of_8k@p256"] and len(names) == 3
+    assert names[2].startswith("chunked_b4_1k_of_8k@T"), "a server row (shrunk on CPU), no @p row of its own"
+    assert doc["workloads"]["chunked_b4_1k_of_8k@p256"]["page_size"] == 256
+    by = {r["workload"]: r for r in doc["results"]}
+    assert by["chunked_b4_1k_of_8k@p256"]["vs_twin"] > 0 and "error" not in by["chunked_b4_1k_of_8k@p256"]
