@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -159,6 +160,26 @@ def rel_err(out, ref) -> float:
 
 def err(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def twin_tiles_dir(device_kind: str, page_size: int, root: Path) -> Path:
+    """A tuning directory (RPA_TUNING_DIR) for a row@pN: the device's table (shipped, then the
+    user's) with every page-16 entry also under page N, so the row runs its twin's tiles and
+    differs from it in the pages alone (the tables key tiles by page size)."""
+    from ragged_paged_attention import tuning
+
+    dev = tuning.device_key(device_kind)
+    entries = {}
+    for path in (tuning.DATA_DIR / f"{dev}.json", tuning.user_dir() / f"{dev}.json"):
+        try:
+            entries.update(json.loads(path.read_text()).get("entries", {}))
+        except (OSError, ValueError):
+            pass
+    entries.update({k.replace("/p16/", f"/p{page_size}/"): v for k, v in list(entries.items()) if "/p16/" in k})
+    out = root / f"p{page_size}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{dev}.json").write_text(json.dumps({"entries": entries}))
+    return out
 
 
 def bench_jax(w, impl: str, inp: Inputs, run) -> dict:
@@ -416,6 +437,8 @@ def main(argv=None) -> int:
         doc["startup"] = startup_record(gpu)
         print(json.dumps(doc["startup"]), flush=True)
     results = doc["results"] = []
+    tuning_dir = os.environ.get("RPA_TUNING_DIR")
+    tiles_root = Path(tempfile.mkdtemp(prefix="rpa_twin_tiles_"))
 
     def save():  # after every workload: a run cut short by a time limit still leaves its rows
         if args.out:
@@ -427,6 +450,9 @@ def main(argv=None) -> int:
             doc.setdefault("skipped_after_deadline", []).append(w.name)
             continue
         inp = Inputs(w, gpu)
+        if "@p" in w.name:  # the twin's tiles, whatever the tables say for this page size
+            os.environ["RPA_TUNING_DIR"] = str(twin_tiles_dir(device, w.page_size, tiles_root))
+            doc["workloads"][w.name]["tiles"] = "its page-16 twin's (the tuning table's page-16 entries)"
         for impl in impls + ([PEER] if args.peers and gpu and "@" not in w.name else []):
             try:
                 if impl != "xla" and not gpu:
@@ -447,6 +473,11 @@ def main(argv=None) -> int:
                 print(table(results[-1:])[1], flush=True)
         del inp
         save()
+        if tuning_dir is None:
+            os.environ.pop("RPA_TUNING_DIR", None)
+        else:
+            os.environ["RPA_TUNING_DIR"] = tuning_dir
+    shutil.rmtree(tiles_root, ignore_errors=True)
     times = {(r["workload"], r["implementation"]): r["time_us"] for r in results}
     for r in results:  # server rows against their exact twins
         twin = times.get((r["workload"].split("@")[0], r["implementation"]))

@@ -186,3 +186,17 @@ def test_page_size_rows_compare_with_their_page_16_twin(run, tmp_path):
     assert doc["workloads"]["chunked_b4_1k_of_8k@p256"]["page_size"] == 256
     by = {r["workload"]: r for r in doc["results"]}
     assert by["chunked_b4_1k_of_8k@p256"]["vs_twin"] > 0 and "error" not in by["chunked_b4_1k_of_8k@p256"]
+
+
+def test_page_size_rows_run_their_twins_tiles(run, tmp_path, monkeypatch):
+    """A row@pN must differ from its page-16 twin in the pages alone: the tuning tables key tiles by
+    page size, so the benchmark gives it a table with the page-16 entries under page N too."""
+    from ragged_paged_attention import tuning
+
+    monkeypatch.setenv("RPA_TUNING_DIR", str(tmp_path / "none"))
+    want = tuning.lookup("NVIDIA H200", "prefill", 128, 4, 16, "bfloat16")
+    assert tuning.lookup("NVIDIA H200", "prefill", 128, 4, 2048, "bfloat16") != want, "else this test shows nothing"
+    monkeypatch.setenv("RPA_TUNING_DIR", str(run.twin_tiles_dir("NVIDIA H200", 2048, tmp_path)))
+    assert tuning.lookup("NVIDIA H200", "prefill", 128, 4, 2048, "bfloat16") == want
+    assert tuning.lookup("NVIDIA H200", "decode", 128, 4, 2048, "bfloat16") == tuning.lookup(
+        "NVIDIA H200", "decode", 128, 4, 16, "bfloat16")
