@@ -11,12 +11,12 @@ flash-attn3-jax beside ours (--peers); the start-up record (--startup). Nothing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,10 +162,11 @@ def err(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
-def twin_tiles_dir(device_kind: str, page_size: int, root: Path) -> Path:
-    """A tuning directory (RPA_TUNING_DIR) for a row@pN: the device's table (shipped, then the
-    user's) with every page-16 entry also under page N, so the row runs its twin's tiles and
-    differs from it in the pages alone (the tables key tiles by page size)."""
+@contextlib.contextmanager
+def twin_tiles(device_kind: str, page_sizes: list[int]):
+    """RPA_TUNING_DIR, while inside, a table that makes every row@pN run its page-16 twin's tiles
+    (the tables key tiles by page size): the device's table (shipped, then the user's, as tuning.py
+    reads them) with every page-16 entry also under each page N. Other rows look up as before."""
     from ragged_paged_attention import tuning
 
     dev = tuning.device_key(device_kind)
@@ -175,11 +176,19 @@ def twin_tiles_dir(device_kind: str, page_size: int, root: Path) -> Path:
             entries.update(json.loads(path.read_text()).get("entries", {}))
         except (OSError, ValueError):
             pass
-    entries.update({k.replace("/p16/", f"/p{page_size}/"): v for k, v in list(entries.items()) if "/p16/" in k})
-    out = root / f"p{page_size}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{dev}.json").write_text(json.dumps({"entries": entries}))
-    return out
+    for n in page_sizes:
+        entries.update({k.replace("/p16/", f"/p{n}/"): v for k, v in list(entries.items()) if "/p16/" in k})
+    before = os.environ.get("RPA_TUNING_DIR")
+    with tempfile.TemporaryDirectory(prefix="rpa_twin_tiles_") as tmp:
+        (Path(tmp) / f"{dev}.json").write_text(json.dumps({"entries": entries}))
+        os.environ["RPA_TUNING_DIR"] = tmp
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("RPA_TUNING_DIR", None)
+            else:
+                os.environ["RPA_TUNING_DIR"] = before
 
 
 def bench_jax(w, impl: str, inp: Inputs, run) -> dict:
@@ -437,47 +446,41 @@ def main(argv=None) -> int:
         doc["startup"] = startup_record(gpu)
         print(json.dumps(doc["startup"]), flush=True)
     results = doc["results"] = []
-    tuning_dir = os.environ.get("RPA_TUNING_DIR")
-    tiles_root = Path(tempfile.mkdtemp(prefix="rpa_twin_tiles_"))
+    tiles = twin_tiles(device, args.page_sizes) if args.page_sizes else contextlib.nullcontext()
 
     def save():  # after every workload: a run cut short by a time limit still leaves its rows
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
-    for w in rows:
-        if args.deadline and time.time() - t_start > args.deadline:
-            doc.setdefault("skipped_after_deadline", []).append(w.name)
-            continue
-        inp = Inputs(w, gpu)
-        if "@p" in w.name:  # the twin's tiles, whatever the tables say for this page size
-            os.environ["RPA_TUNING_DIR"] = str(twin_tiles_dir(device, w.page_size, tiles_root))
-            doc["workloads"][w.name]["tiles"] = "its page-16 twin's (the tuning table's page-16 entries)"
-        for impl in impls + ([PEER] if args.peers and gpu and "@" not in w.name else []):
-            try:
-                if impl != "xla" and not gpu:
-                    got = [{"note": "skipped: needs an NVIDIA GPU"}]
-                elif impl == PEER:
-                    mine = {r["implementation"]: r for r in results if r["workload"] == w.name}
-                    got = bench_fa3(w, inp, run, mine.get("triton") or {}, mine.get("mosaic"))
-                else:
-                    with warnings.catch_warnings():  # a "mosaic" row that would run the Triton prefill: n/a
-                        warnings.simplefilter("error", rpa.MosaicFallbackWarning)
-                        got = [bench_torch(w, inp, run) if impl == "torch" else bench_jax(w, impl, inp, run)]
-            except rpa.MosaicFallbackWarning as e:
-                got = [{"note": f"n/a: {str(e).split(': ', 1)[-1]}"}]
-            except Exception as e:
-                got = [{"error": err(e)}]
-            for r in got:
-                results.append(finish({"implementation": impl, **r}, w, ceilings))
-                print(table(results[-1:])[1], flush=True)
-        del inp
-        save()
-        if tuning_dir is None:
-            os.environ.pop("RPA_TUNING_DIR", None)
-        else:
-            os.environ["RPA_TUNING_DIR"] = tuning_dir
-    shutil.rmtree(tiles_root, ignore_errors=True)
+    with tiles:
+        for w in rows:
+            if args.deadline and time.time() - t_start > args.deadline:
+                doc.setdefault("skipped_after_deadline", []).append(w.name)
+                continue
+            inp = Inputs(w, gpu)
+            if "@p" in w.name:
+                doc["workloads"][w.name]["tiles"] = "its page-16 twin's (the tuning table's page-16 entries)"
+            for impl in impls + ([PEER] if args.peers and gpu and "@" not in w.name else []):
+                try:
+                    if impl != "xla" and not gpu:
+                        got = [{"note": "skipped: needs an NVIDIA GPU"}]
+                    elif impl == PEER:
+                        mine = {r["implementation"]: r for r in results if r["workload"] == w.name}
+                        got = bench_fa3(w, inp, run, mine.get("triton") or {}, mine.get("mosaic"))
+                    else:
+                        with warnings.catch_warnings():  # a "mosaic" row that would run the Triton prefill: n/a
+                            warnings.simplefilter("error", rpa.MosaicFallbackWarning)
+                            got = [bench_torch(w, inp, run) if impl == "torch" else bench_jax(w, impl, inp, run)]
+                except rpa.MosaicFallbackWarning as e:
+                    got = [{"note": f"n/a: {str(e).split(': ', 1)[-1]}"}]
+                except Exception as e:
+                    got = [{"error": err(e)}]
+                for r in got:
+                    results.append(finish({"implementation": impl, **r}, w, ceilings))
+                    print(table(results[-1:])[1], flush=True)
+            del inp
+            save()
     times = {(r["workload"], r["implementation"]): r["time_us"] for r in results}
     for r in results:  # server rows against their exact twins
         twin = times.get((r["workload"].split("@")[0], r["implementation"]))

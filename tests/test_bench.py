@@ -4,6 +4,7 @@ smoke run of benchmarks/run.py."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -196,7 +197,8 @@ def test_page_size_rows_run_their_twins_tiles(run, tmp_path, monkeypatch):
     monkeypatch.setenv("RPA_TUNING_DIR", str(tmp_path / "none"))
     want = tuning.lookup("NVIDIA H200", "prefill", 128, 4, 16, "bfloat16")
     assert tuning.lookup("NVIDIA H200", "prefill", 128, 4, 2048, "bfloat16") != want, "else this test shows nothing"
-    monkeypatch.setenv("RPA_TUNING_DIR", str(run.twin_tiles_dir("NVIDIA H200", 2048, tmp_path)))
-    assert tuning.lookup("NVIDIA H200", "prefill", 128, 4, 2048, "bfloat16") == want
-    assert tuning.lookup("NVIDIA H200", "decode", 128, 4, 2048, "bfloat16") == tuning.lookup(
-        "NVIDIA H200", "decode", 128, 4, 16, "bfloat16")
+    with run.twin_tiles("NVIDIA H200", [2048]):
+        assert tuning.lookup("NVIDIA H200", "prefill", 128, 4, 2048, "bfloat16") == want
+        assert tuning.lookup("NVIDIA H200", "decode", 128, 4, 2048, "bfloat16") == tuning.lookup(
+            "NVIDIA H200", "decode", 128, 4, 16, "bfloat16")
+    assert os.environ["RPA_TUNING_DIR"] == str(tmp_path / "none"), "the caller's table dir comes back"

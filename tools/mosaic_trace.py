@@ -77,19 +77,13 @@ def parse(raw, grid, block, names, entries):
     return out
 
 
-def tiles_per_block(w: wl.Workload, d: dict, n_hp: int, grid: tuple[int, ...] = ()):
-    """The K/V tiles each block visits, by the profiler's block index ((x * grid_y + y) * grid_z + z
-    over CUDA's grid: x is the kernel's "slot" axis s, which takes the table's row slots - 1 - s, y
-    the head pair); per table row when grid is empty."""
-    import jax.numpy as jnp
-    from ragged_paged_attention import mosaic_prefill as mp
+def tiles_per_block(w: wl.Workload, tab: np.ndarray, n_hp: int, grid: tuple[int, ...] = ()):
+    """The K/V tiles each block visits (tab: the kernel's slot table), by the profiler's block index
+    ((x * grid_y + y) * grid_z + z over CUDA's grid: x is the kernel's "slot" axis s, which takes the
+    table's row slots - 1 - s, y the head pair); per table row when grid is empty."""
     from ragged_paged_attention.plan import mosaic_config
 
     block_kv, _ = mosaic_config(w.head_dim)
-    tab = np.asarray(mp.slot_table(jnp.asarray(d["query_start_loc"]), jnp.asarray(d["context_lens"]),
-                                   jnp.asarray([d["num_seqs"]], jnp.int32), total_tokens=w.padded_tokens,
-                                   pages_per_seq=w.pages_per_seq, page_size=w.page_size,
-                                   dec_q=decode_tokens(w.num_q_heads // w.num_kv_heads)))
     seq, tok0, v0, rows, pos_off = tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], tab[:, 5]
     first = tok0 + v0 + pos_off
     hi = np.maximum(first + rows, 0)
@@ -151,7 +145,7 @@ def one(w: wl.Workload) -> dict:
     raw, grid, block, names, entries = got[-1]
     blocks = parse(raw, grid, block, names, entries)
     n_hp = w.num_q_heads // 2
-    tiles = tiles_per_block(w, d, n_hp, grid)
+    tiles = tiles_per_block(w, np.asarray(slots), n_hp, grid)
     # Per SM, blocks in clock order: [first stamp, last stamp] of each (any warpgroup).
     per_sm = {}
     for bi, (sm, start_ns, wgs) in enumerate(blocks):
