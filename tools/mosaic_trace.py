@@ -14,6 +14,8 @@ zero_rows; the producer's fill and stream) and prints per workload:
   launch and the kernel's entry: what the SM does no work in), and the SMs' busy share; the SM
   clock rate from the stamps against the global timer (to turn cycles into microseconds). The gaps
   include the profiler's own epilogue (each warpgroup's events copied to global memory).
+A head_dim 128 kernel runs traced with a 2-stage K/V ring, not its usual 3 (the profiler's
+buffer takes the third stage's shared memory): its timeline is that variant's.
 The profiler's raw buffer is read directly (ProfilerSpec.dump is wrapped): the SM clock of every
 stamp, so the gaps between blocks on one SM are exact. Issue 16's question: what the ~5 us per
 block that a fit of v5's timings found (benchmarks/NOTES.md v5) is made of.

@@ -177,7 +177,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     """Output [T, num_q_heads, head_dim] of the prefill blocks (rows of no sequence zeroed; rows of
     decode sequences left for the decode launch). slots: slot_table(...); sink_ml: sink_table(...).
     profile_dir: write a timeline of each block's phases there, per warpgroup (Mosaic GPU's
-    on-device profiler; the kernel's named scopes; tools/mosaic_trace.py reads it)."""
+    on-device profiler; the kernel's named scopes; tools/mosaic_trace.py reads it). A profiled
+    head_dim 128 kernel runs a 2-stage K/V ring: the profiler's buffer takes the third's room."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -189,6 +190,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     n_slots = slots.shape[0]
     dtype = queries.dtype
     block_kv, stages = config(head_dim)
+    if profile_dir and head_dim > 64:
+        stages -= 1  # the profiler's buffer (~4 KB of shared memory) does not fit beside d128's 224 KB
     cu = min(page_size, block_kv)          # rows per TMA copy
     units = block_kv // cu                 # copies per K (and V) tile
     group = num_q_heads // num_kv_heads
@@ -200,7 +203,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         qk_scale = sm_scale / soft_cap
 
     def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
-        (q_smem, k_smem, v_smem, o_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
+        smem, (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
+        (q_smem, k_smem, v_smem), o_smem = smem   # o_smem: Q's bytes (each warpgroup's own half)
         with jax.named_scope("entry"):   # the first event of a block's trace: its start
             hp = lax.axis_index("hp")
             b = n_slots - 1 - lax.axis_index("slot")
@@ -395,11 +399,13 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             def _():
                 bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
 
-                def issue(i, which: int, buf, bar):
-                    t = t_lo + i
-                    slot = lax.rem(i, jnp.int32(stages))
+                def units_of(i):
+                    """Per copy unit of tile i: (page id, first row in the page). Read before the
+                    producer waits for the tile's ring slot (the block-table loads' latency
+                    overlaps the wait) and shared by its K and V copies."""
+                    out = []
                     for u in range(units):
-                        ks = t * block_kv + u * cu
+                        ks = (t_lo + i) * block_kv + u * cu
                         live = (ks < kv_len) & (ks + cu > lo)
                         page = bt_row[_clamp(ks // page_size, 0, pages_per_seq - 1)]
                         page = jnp.where(live, page, num_pages)       # out of bounds: arrives as zeros
@@ -411,6 +417,12 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         # rows arrive as out-of-bounds zeros: Mosaic splits the index into 8-row
                         # groups with unsigned division, exact while it is a multiple of 8).
                         start = ks % page_size + jnp.where(part < cu, ((part + 7) & ~7) - cu, 0)
+                        out.append((page, start))
+                    return out
+
+                def issue(i, which: int, buf, bar, where):
+                    slot = lax.rem(i, jnp.int32(stages))
+                    for u, (page, start) in enumerate(where):
                         plgpu.copy_gmem_to_smem(
                             kv_ref.at[page, pl.ds(start, cu), 2 * kvh + which],
                             buf.at[slot, pl.ds(u * cu, cu)], bar.at[slot])
@@ -419,28 +431,32 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     @pl.when(j < n_tiles)
                     @jax.named_scope("fill")
                     def _():
-                        issue(j, 0, k_smem, k_bar)
-                        issue(j, 1, v_smem, v_bar)
+                        where = units_of(j)
+                        issue(j, 0, k_smem, k_bar, where)
+                        issue(j, 1, v_smem, v_bar, where)
 
                 with jax.named_scope("stream"):
                     @pl.loop(0, jnp.maximum(n_tiles - stages, 0))
                     def _(j):
                         i = j + stages
                         slot = lax.rem(i, jnp.int32(stages))
+                        where = units_of(i)
                         plgpu.barrier_wait(k_used.at[slot])
-                        issue(i, 0, k_smem, k_bar)
+                        issue(i, 0, k_smem, k_bar, where)
                         plgpu.barrier_wait(v_used.at[slot])
-                        issue(i, 1, v_smem, v_bar)
+                        issue(i, 1, v_smem, v_bar, where)
 
     def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
-        scratch = [
-            plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((2, BLOCK_Q, head_dim), dtype),
-        ]
+        # The output buffer reuses Q's shared memory (a warpgroup writes its O after its last
+        # S = Q K^T, and zeroes rows before its Q arrives): the 32 KB it frees is d128's third stage.
+        scratch = plgpu.RefUnion(
+            [plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle)),
+             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
+             plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle))],
+            plgpu.SMEM((2, BLOCK_Q, head_dim), dtype),   # untiled: stored in 1..64-row pieces
+        )
         pl.run_scoped(
             lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
             scratch,
