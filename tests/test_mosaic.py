@@ -8,7 +8,9 @@
 - on the JAX versions the kernel was run with on a GPU (mosaic_prefill.TESTED_JAX; CI's newest-JAX
   job installs one), the kernel lowered for CUDA: the whole Pallas -> Mosaic GPU lowering runs here,
   only compiling the module and running it need a GPU (the GPU suite runs it: backend jax-mosaic).
-  tests/lower_for_cuda.py lowers a whole implementation="mosaic" call there too.
+  tests/lower_for_cuda.py lowers a whole implementation="mosaic" call there too;
+- on a Hopper GPU with torch: plgpu.as_torch_kernel runs the kernel on torch tensors (issue 16's
+  question whether it could serve the PyTorch door).
 """
 
 from __future__ import annotations
@@ -180,3 +182,56 @@ def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks):
             sds((s + 1,), jnp.int32), sds((s,), jnp.int32), sds((1,), jnp.int32), sds((h,), jnp.float32))
     text = jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["chunked_prefill", "sinks_window_softcap"])  # the second: window, cap, sinks
+def test_as_torch_kernel_runs_the_prefill_on_torch_tensors(name):
+    """Issue 16 asks whether plgpu.as_torch_kernel could serve the PyTorch door: the kernel called on
+    torch tensors (its slot and sink tables made by JAX and handed over), every row against the
+    oracle. The PyTorch door keeps the Triton prefill all the same (docs/decisions.md)."""
+    import functools
+
+    import backends
+    from cases import build, case_by_name
+    from test_attention import check_result
+
+    from ragged_paged_attention.reference import sink_logits
+
+    why = backends.unavailable("jax-mosaic") or backends.unavailable("torch-cuda")
+    if why:
+        pytest.skip(why)
+    if not _tested_jax():
+        pytest.skip(f"jax {jax.__version__} is not in {mp.TESTED_JAX}")
+    import torch
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    case = case_by_name(name, "bfloat16")
+    if name == "sinks_window_softcap":
+        case = case.with_(pairs=((20, 60), (9, 40)))   # prefills only (its decode is the Triton launch's)
+    # as_torch_kernel takes a function of one Mosaic GPU call and nothing else: no row padding.
+    case = case.with_(extra_tokens=case.extra_tokens + (-(sum(q for q, _ in case.pairs) + case.extra_tokens) % 8))
+    batch = build(case)
+    assert all(q > DEC_Q for q, _ in case.pairs if q), "every live sequence must be a prefill here"
+    t, h, d = batch.queries.shape
+    slots = mp.slot_table(jnp.asarray(batch.query_start_loc), jnp.asarray(batch.context_lens),
+                          jnp.asarray([batch.num_seqs], jnp.int32), total_tokens=t,
+                          pages_per_seq=batch.block_tables.shape[1], page_size=case.page_size, dec_q=DEC_Q)
+    sinks = None if batch.softmax_aux is None else sink_logits(jnp.asarray(batch.softmax_aux), h, case.num_kv_heads)
+    kernel = functools.partial(
+        mp.prefill, num_kv_heads=case.num_kv_heads, page_size=case.page_size,
+        sm_scale=case.softmax_scale or 1.0 / np.sqrt(d), soft_cap=case.soft_cap, window=case.sliding_window,
+        dec_q=DEC_Q)
+
+    def cuda(x, dtype):
+        return torch.as_tensor(np.asarray(x).astype(np.float32 if dtype == torch.bfloat16 else x.dtype)).to(
+            device="cuda", dtype=dtype)
+
+    out = plgpu.as_torch_kernel(kernel)(
+        cuda(batch.queries, torch.bfloat16), cuda(batch.kv_pages, torch.bfloat16),
+        cuda(batch.block_tables, torch.int32), cuda(slots, torch.int32),
+        cuda(mp.sink_table(sinks, h), torch.float32))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert isinstance(out, torch.Tensor) and out.is_cuda
+    res = backends.Result(out.float().cpu().numpy().astype(np.float64), "bfloat16", tuple(out.shape))
+    check_result(res, batch, batch.oracle(), case.tolerance)

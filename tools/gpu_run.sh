@@ -50,7 +50,7 @@ for d in ("jax", "jaxlib", "jax-cuda13-plugin", "triton", "torch", "flash-attn3-
 # later test in its process, and xdist can then stop with an INTERNALERROR before its summary)
 # still leaves which test failed first; faulthandler dumps the stacks of a test hung past 300 s.
 PYTEST_GPU="-v -rf -o faulthandler_timeout=300"
-GPU_FILES="tests/test_attention.py tests/test_poison.py tests/test_torch.py tests/test_kv_cache.py tests/test_jit.py tests/test_validation.py tests/test_properties.py"
+GPU_FILES="tests/test_attention.py tests/test_poison.py tests/test_torch.py tests/test_kv_cache.py tests/test_jit.py tests/test_validation.py tests/test_properties.py tests/test_mosaic.py"
 step_cmd() {  # the command line of one step
   case $1 in
     tests-a) echo "python3 -m pytest $PYTEST_GPU -n 6 -m 'not bigmem' tests/test_attention.py $PYTEST_ARGS" ;;
