@@ -169,19 +169,18 @@ def twin_tiles(device_kind: str, page_sizes: list[int]):
     reads them) with every page-16 entry also under each page N. Other rows look up as before."""
     from ragged_paged_attention import tuning
 
-    dev = tuning.device_key(device_kind)
+    if not tuning.table_paths(device_kind):   # no device kind: lookup reads no table, defaults apply
+        yield
+        return
     entries = {}
-    for path in (tuning.DATA_DIR / f"{dev}.json", tuning.user_dir() / f"{dev}.json"):
-        try:
-            entries.update(json.loads(path.read_text()).get("entries", {}))
-        except (OSError, ValueError):
-            pass
+    for path in reversed(tuning.table_paths(device_kind)):   # the first table lookup reads wins
+        entries.update(tuning.read_entries(path))
     for n in page_sizes:
         entries.update({k.replace("/p16/", f"/p{n}/"): v for k, v in list(entries.items()) if "/p16/" in k})
     before = os.environ.get("RPA_TUNING_DIR")
     with tempfile.TemporaryDirectory(prefix="rpa_twin_tiles_") as tmp:
-        (Path(tmp) / f"{dev}.json").write_text(json.dumps({"entries": entries}))
         os.environ["RPA_TUNING_DIR"] = tmp
+        tuning.write_table(tuning.table_paths(device_kind)[0], entries, source="benchmarks/run.py --page-sizes")
         try:
             yield
         finally:

@@ -119,6 +119,24 @@ def test_tuning_lookup_order(tmp_path, monkeypatch):
     tuning._read_table.cache_clear()
 
 
+def test_tuning_table_write_then_read(tmp_path, monkeypatch):
+    """write_table (tools/autotune.py, benchmarks/run.py --page-sizes) writes what lookup reads, at
+    the first path lookup tries; a table written after a lookup is seen (the reader's cache is cleared)."""
+    monkeypatch.setenv("RPA_TUNING_DIR", str(tmp_path))
+    key = tuning.config_key("decode", 64, 2, 32, "float16")
+    cfg = {"block_rows": 32, "tile_n": 16, "num_warps": 2, "num_stages": 1}
+    assert tuning.lookup("Some GPU", "decode", 64, 2, 32, "float16") != tuning.TileConfig(**cfg)
+    path = tuning.write_table(tuning.table_paths("Some GPU")[0], {key: cfg}, device="Some GPU", source="test")
+    assert path == tmp_path / "some_gpu.json"
+    assert tuning.read_entries(path) == {key: cfg}
+    assert tuning.lookup("Some GPU", "decode", 64, 2, 32, "float16") == tuning.TileConfig(**cfg)
+    assert tuning.read_entries(tmp_path / "missing.json") == {}
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert tuning.read_entries(tmp_path / "bad.json") == {}, "a file that is no table reads as empty"
+    assert tuning.table_paths(None) == ()
+    tuning._read_table.cache_clear()
+
+
 def test_device_key():
     assert tuning.device_key("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
     assert tuning.device_key("NVIDIA H200") == "nvidia_h200"

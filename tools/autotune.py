@@ -87,11 +87,9 @@ def main(argv=None) -> int:
                 winners[key] = dict(block_rows=r, tile_n=n, num_warps=wp, num_stages=st, us=round(us, 1), workload=w.name)
     print(json.dumps({"device": device, "winners": winners}, indent=1))
     if args.write:
-        path = tuning.user_dir() / f"{tuning.device_key(device)}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         entries = {k: {f: v[f] for f in ("block_rows", "tile_n", "num_warps", "num_stages")} for k, v in winners.items()}
-        path.write_text(json.dumps({"device": device, "source": "tools/autotune.py", "entries": entries,
-                                    "measured": winners}, indent=1) + "\n")
+        path = tuning.write_table(tuning.table_paths(device)[0], entries, device=device, source="tools/autotune.py",
+                                  measured=winners)
         print(f"wrote {path}")
     return 0
 

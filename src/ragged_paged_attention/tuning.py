@@ -51,13 +51,33 @@ def user_dir() -> Path:
     return Path(os.environ.get("RPA_TUNING_DIR") or Path.home() / ".cache" / "ragged_paged_attention" / "tuning")
 
 
+def table_paths(device_kind: str | None) -> tuple[Path, ...]:
+    """The tables lookup reads for this device, first match wins: the user's, then the shipped one."""
+    dev = device_key(device_kind)
+    return () if dev is None else (user_dir() / f"{dev}.json", DATA_DIR / f"{dev}.json")
+
+
+def read_entries(path: Path | str) -> dict[str, dict]:
+    """A table's entries as stored ({config_key: {block_rows, tile_n, num_warps, num_stages}}); {}
+    when the file is missing or unreadable."""
+    try:
+        return dict(json.loads(Path(path).read_text()).get("entries", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def write_table(path: Path | str, entries: dict[str, dict], **fields) -> Path:
+    """Write a table lookup can read: ``fields`` (device, source, measurements...) and ``entries``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**fields, "entries": entries}, indent=1) + "\n")
+    _read_table.cache_clear()
+    return path
+
+
 @functools.lru_cache(maxsize=None)
 def _read_table(path: str) -> dict:
-    try:
-        entries = json.loads(Path(path).read_text()).get("entries", {})
-    except (OSError, ValueError):
-        return {}
-    return {k: TileConfig(**v) for k, v in entries.items()}
+    return {k: TileConfig(**v) for k, v in read_entries(path).items()}
 
 
 def default_config(kind: str, head_dim_pad: int, group: int, page_size: int, compute: str) -> TileConfig:
@@ -82,12 +102,10 @@ def default_config(kind: str, head_dim_pad: int, group: int, page_size: int, com
 def lookup(device_kind: str | None, kind: str, head_dim_pad: int, group: int, page_size: int,
            compute: str) -> TileConfig:
     key = config_key(kind, head_dim_pad, group, page_size, compute)
-    dev = device_key(device_kind)
-    if dev is not None:
-        for path in (user_dir() / f"{dev}.json", DATA_DIR / f"{dev}.json"):
-            hit = _read_table(str(path)).get(key)
-            if hit is not None:
-                return hit
+    for path in table_paths(device_kind):
+        hit = _read_table(str(path)).get(key)
+        if hit is not None:
+            return hit
     return default_config(kind, head_dim_pad, group, page_size, compute)
 
 
