@@ -400,8 +400,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            @pl.when(work)
-            def _():
+            def produce():
                 bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
 
                 def issue(i, which: int, buf, bar):
@@ -441,6 +440,12 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         issue(i, 0, k_smem, k_bar)
                         plgpu.barrier_wait(v_used.at[slot])
                         issue(i, 1, v_smem, v_bar)
+
+            # One warp issues the copies. Each copy costs the issuing threads a few scalar ops, the
+            # barrier's arrivals and a TMA instruction; with all four warps of this warpgroup (one
+            # per SM sub-partition) running them, 16-32 copies per tile at page 16 take issue slots
+            # from the consumer warps beside them (benchmarks/NOTES.md v8: the per-copy cost).
+            plgpu.warp_map(lambda warp: pl.when((warp == 0) & work)(produce))
 
     def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
