@@ -169,17 +169,19 @@ def twin_tiles(device_kind: str, page_sizes: list[int]):
     reads them) with every page-16 entry also under each page N. Other rows look up as before."""
     from ragged_paged_attention import tuning
 
-    if not tuning.table_paths(device_kind):   # no device kind: lookup reads no table, defaults apply
+    paths = tuning.table_paths(device_kind)   # the caller's tables, as lookup reads them now
+    if not paths:   # no device kind: lookup reads no table, defaults apply
         yield
         return
     entries = {}
-    for path in reversed(tuning.table_paths(device_kind)):   # the first table lookup reads wins
+    for path in reversed(paths):   # the first table lookup reads wins
         entries.update(tuning.read_entries(path))
     for n in page_sizes:
         entries.update({k.replace("/p16/", f"/p{n}/"): v for k, v in list(entries.items()) if "/p16/" in k})
     before = os.environ.get("RPA_TUNING_DIR")
     with tempfile.TemporaryDirectory(prefix="rpa_twin_tiles_") as tmp:
         os.environ["RPA_TUNING_DIR"] = tmp
+        # lookup's first table now lies under tmp
         tuning.write_table(tuning.table_paths(device_kind)[0], entries, source="benchmarks/run.py --page-sizes")
         try:
             yield
