@@ -117,7 +117,7 @@ def test_sink_table():
     assert (none[:, 0] == mp.NEG).all() and (none[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("what", ["float32", "mha", "head_dim_80", "page_size_4", "fp8", "compute_float32",
+@pytest.mark.parametrize("what", ["float32", "mha_d128", "odd_group", "head_dim_80", "page_size_4", "fp8", "compute_float32",
                                   "tile_knobs"])
 def test_mosaic_falls_back_to_triton_saying_why(what):
     """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
@@ -126,11 +126,11 @@ def test_mosaic_falls_back_to_triton_saying_why(what):
     from ragged_paged_attention.validate import Dims
 
     kw = dict(h=8, kvh=2, d=64, page=16, q="bfloat16", kv="bfloat16", compute="bfloat16")
-    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha": dict(kvh=8),
+    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha_d128": dict(kvh=8, d=128), "odd_group": dict(h=6),
                "head_dim_80": dict(d=80), "page_size_4": dict(page=4), "fp8": dict(kv="float8_e4m3fn"),
                "compute_float32": dict(compute="float32"), "tile_knobs": {}}[what])
     dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
-    reason = {"float32": "all bfloat16", "mha": "even group size", "head_dim_80": "head_dim 64 and 128",
+    reason = {"float32": "all bfloat16", "mha_d128": "MHA", "odd_group": "even group size", "head_dim_80": "head_dim 64 and 128",
               "page_size_4": "multiple of 8", "fp8": "all bfloat16", "compute_float32": "all bfloat16",
               "tile_knobs": "num_queries_per_block"}[what]
     if not _tested_jax():
@@ -151,6 +151,8 @@ def test_mosaic_chosen_only_when_asked():
         assert prefill_kernel(impl, dims, "bfloat16", "bfloat16", "bfloat16", arch=90) == "triton"
     if _tested_jax():
         assert prefill_kernel("mosaic", dims, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
+        mha_d64 = Dims(64, 8, 64, 32, 16, 8, 4, 8)
+        assert prefill_kernel("mosaic", mha_d64, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
 
 
 def _tested_jax() -> bool:
@@ -164,14 +166,15 @@ needs_tested_jax = pytest.mark.skipif(
 
 
 @needs_tested_jax
-@pytest.mark.parametrize("t, d, page, window, cap, sinks", [
-    (190, 128, 16, None, None, False),     # tokens not a multiple of 8: Q is padded
-    (2048, 128, 16, 500, 30.0, True),      # every feature
-    (256, 64, 64, None, None, True),       # head_dim 64, 64-row pages
-    (64, 128, 256, 33, None, False),       # pages larger than the key tile
+@pytest.mark.parametrize("t, d, page, window, cap, sinks, kvh", [
+    (190, 128, 16, None, None, False, 4),     # tokens not a multiple of 8: Q is padded
+    (2048, 128, 16, 500, 30.0, True, 4),      # every feature
+    (256, 64, 64, None, None, True, 4),       # head_dim 64, 64-row pages
+    (64, 128, 256, 33, None, False, 4),       # pages larger than the key tile
+    (2048, 64, 16, 500, 30.0, True, 16),      # MHA (head_dim 64): two KV heads per block, every feature
 ])
-def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks):
-    h, kvh, s, width, pages = 16, 4, 8, 32, 64
+def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh):
+    h, s, width, pages = 16, 8, 32, 64
     sds = jax.ShapeDtypeStruct
 
     def f(q, kv, bt, qsl, ctx, n, aux):

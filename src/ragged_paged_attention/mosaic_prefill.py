@@ -1,10 +1,12 @@
 """Warp-specialised prefill for Hopper (sm_90) in Pallas Mosaic GPU: the JAX door's prefill tiles.
 
-One CUDA block per (query-block slot, pair of query heads of one KV head), three warpgroups:
+One CUDA block per (query-block slot, pair of query heads of one KV head, or of two KV heads
+under MHA), three warpgroups:
 
-- a producer warpgroup (40 registers) streams the sequence's K and V tiles of BLOCK_KV keys into a
-  ring of STAGES shared-memory buffers with TMA, one copy per page (or per BLOCK_KV rows of a page
-  larger than a tile): the page id is read from the block table at run time. Pages wholly outside
+- a producer warpgroup (40 registers), of which one warp issues the copies, streams the
+  sequence's K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA,
+  one copy per page (or per BLOCK_KV rows of a page larger than a tile): the page id is read from
+  the block table at run time. Pages wholly outside
   the block's visible key range are never read: their copies take the out-of-bounds page id
   num_pages and arrive as zeros. The one page that holds a sequence's last key is copied from a
   start shifted back so that it ends with the 8-row group of that key: the slots past kv_len
@@ -38,8 +40,9 @@ Opt-in (``implementation="mosaic"``, docs/decisions.md): every bucket shape comp
 and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupported`` says why a
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
 lower it), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64 or 128, an
-even number of query heads per KV head, and a page size that is a multiple of 8 and divides or is
-a multiple of the 128-key tile.
+even number of query heads per KV head or one (MHA, head_dim 64 only: a block's two query heads
+then read two KV heads, whose K/V tiles share each ring stage and its barrier), and a page size
+that is a multiple of 8 and divides or is a multiple of the 128-key tile.
 """
 
 from __future__ import annotations
@@ -96,9 +99,12 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
                 f"float16, got {q_dtype}, {kv_dtype}, {compute_dtype}")
     if head_dim not in (64, 128):
         return f"the Mosaic GPU prefill supports head_dim 64 and 128, got {head_dim}"
-    if group % 2:
-        return f"the Mosaic GPU prefill pairs query heads of one KV head: needs an even group size, got {group}"
-    block_kv, _ = config(head_dim)
+    if group == 1 and head_dim != 64:
+        return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 only: two "
+                f"heads' K/V tiles of head_dim {head_dim} leave no second ring stage in shared memory")
+    if group % 2 and group != 1:
+        return f"the Mosaic GPU prefill pairs query heads of one KV head: needs an even group size (or 1: MHA), got {group}"
+    block_kv, _ = config(head_dim, group)
     if page_size % 8 or (block_kv % page_size and page_size % block_kv):
         return f"the Mosaic GPU prefill copies whole pages of a multiple of 8 rows, got page_size {page_size}"
     return None
@@ -188,10 +194,13 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     pages_per_seq = block_tables.shape[1]
     n_slots = slots.shape[0]
     dtype = queries.dtype
-    block_kv, stages = config(head_dim)
+    group = num_q_heads // num_kv_heads
+    block_kv, stages = config(head_dim, group)
     cu = min(page_size, block_kv)          # rows per TMA copy
     units = block_kv // cu                 # copies per K (and V) tile
-    group = num_q_heads // num_kv_heads
+    # K/V heads per block: the two query heads share one (GQA), or each has its own (MHA, group 1:
+    # the ring holds both heads' tiles, stage s of head k at buffer s * nkv + k).
+    nkv = 2 if group == 1 else 1
     if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
         window = min(window, pages_per_seq * page_size + 1)
     if soft_cap is None:
@@ -244,6 +253,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
             head = 2 * hp + wg
+            kv_buf = wg if nkv == 2 else 0   # this warpgroup's K/V within a ring stage
             q_buf = q_smem.at[wg]
             o_buf = o_smem.at[wg]
             za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
@@ -280,7 +290,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     slot = lax.rem(i, jnp.int32(stages))
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_buf, k_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(acc_ref, q_buf, k_smem.at[slot * nkv + kv_buf].transpose((1, 0)))
                         schedule_barrier()
                         return acc_ref[...]
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
@@ -335,7 +345,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         zero_tail_values(t, slot)
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot * nkv + kv_buf])
                         nxt = i + 1
 
                         @pl.when(nxt < n_tiles)
@@ -354,7 +364,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     for h in range(block_kv // BLOCK_Q):
                         @pl.when((junk > 0) & (last >= 0) & (last < block_kv) & ((end - 1) // BLOCK_Q == h))
                         def _():
-                            win = v_smem.at[slot, pl.ds(h * BLOCK_Q, BLOCK_Q)]
+                            win = v_smem.at[slot * nkv + kv_buf, pl.ds(h * BLOCK_Q, BLOCK_Q)]
                             vals = win[...]
                             r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, head_dim), 0,
                                                        layout=plgpu.Layout.WGMMA) + h * BLOCK_Q
@@ -391,8 +401,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            @pl.when(work)
-            def _():
+            def produce():
                 bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
 
                 def issue(i, which: int, buf, bar):
@@ -411,9 +420,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         # rows arrive as out-of-bounds zeros: Mosaic splits the index into 8-row
                         # groups with unsigned division, exact while it is a multiple of 8).
                         start = ks % page_size + jnp.where(part < cu, ((part + 7) & ~7) - cu, 0)
-                        plgpu.copy_gmem_to_smem(
-                            kv_ref.at[page, pl.ds(start, cu), 2 * kvh + which],
-                            buf.at[slot, pl.ds(u * cu, cu)], bar.at[slot])
+                        for k in range(nkv):   # the same rows of each of the block's KV heads
+                            plgpu.copy_gmem_to_smem(
+                                kv_ref.at[page, pl.ds(start, cu), 2 * (kvh + k) + which],
+                                buf.at[slot * nkv + k, pl.ds(u * cu, cu)], bar.at[slot])
 
                 for j in range(stages):
                     @pl.when(j < n_tiles)
@@ -432,20 +442,26 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         plgpu.barrier_wait(v_used.at[slot])
                         issue(i, 1, v_smem, v_bar)
 
+            # One warp issues the copies. Each copy costs the issuing threads a few scalar ops, the
+            # barrier's arrivals and a TMA instruction; with all four warps of this warpgroup (one
+            # per SM sub-partition) running them, 16-32 copies per tile at page 16 take issue slots
+            # from the consumer warps beside them (benchmarks/NOTES.md v8: the per-copy cost).
+            plgpu.warp_map(lambda warp: pl.when((warp == 0) & work)(produce))
+
     def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
         scratch = [
             plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((2, BLOCK_Q, head_dim), dtype),
         ]
         pl.run_scoped(
             lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
             scratch,
-            (plgpu.Barrier(num_arrivals=units, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=units, num_barriers=stages),
+            (plgpu.Barrier(num_arrivals=units * nkv, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=units * nkv, num_barriers=stages),
              plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),

@@ -37,9 +37,12 @@ MOSAIC_PREFILL = "mosaic_prefill"
 MOSAIC_BLOCK_Q = 64
 
 
-def mosaic_config(head_dim: int) -> tuple[int, int]:
+def mosaic_config(head_dim: int, group: int = 2) -> tuple[int, int]:
     """(keys per tile, ring stages) of the Mosaic GPU prefill: 2 x 64-row Q + stages x (K + V)
-    tiles + 2 x 64-row output buffers stay under the 227 KB of an H100/H200 block."""
+    tiles + 2 x 64-row output buffers stay under the 227 KB of an H100/H200 block. group 1 (MHA:
+    a block's two query heads read two KV heads) holds two heads' K and V per stage."""
+    if group == 1:
+        return (128, 2)   # d64 only: 16 + 2 x 64 + 16 KB
     return (128, 4) if head_dim <= 64 else (128, 2)
 
 # Shared memory a tile may plan on (bytes): under an A100's 164 KB and an H100's 227 KB per block.
@@ -157,7 +160,7 @@ def attention_plan(
     part_shape = (part_rows, dec_q, dims.num_q_heads, d_pad) if splits else (1,)
     ml_shape = (part_rows, dec_q, dims.num_q_heads, 2) if splits else (1,)
     if prefill == "mosaic":
-        block_kv, stages = mosaic_config(dims.head_dim)
+        block_kv, stages = mosaic_config(dims.head_dim, dims.num_q_heads // dims.num_kv_heads)
         first = Launch(
             MOSAIC_PREFILL, (dims.num_q_heads // 2, dims.total_tokens // MOSAIC_BLOCK_Q + dims.max_num_seqs),
             ("queries", "kv_pages", "block_tables", "context_lens", "query_start_loc", "num_seqs",
