@@ -85,6 +85,8 @@ SUITE = [
       sliding_window=4096, soft_cap=50.0),
     W("prefill_b4_4k_mha_d64", ((4096, 4096),) * 4, num_q_heads=16, num_kv_heads=16, head_dim=64),
     W("decode_b64_ctx4k_sinks", ((1, 4096),) * 64, sinks=True),
+    W("prefill_b2_8k_gemma_d256", ((8192, 8192),) * 2, num_q_heads=16, num_kv_heads=8, head_dim=256,
+      sliding_window=4096, soft_cap=50.0),
 ]
 # (workload, T, S): the server-shaped rows of benchmarks/README.md.
 SERVER_SHAPES = [("decode_b64_ctx4k", 512, 128), ("decode_b64_ctx4k", 2048, 256), ("decode_b64_ctx4k", 8192, 256),

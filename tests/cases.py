@@ -236,6 +236,9 @@ BASE_CASES = [
     _c("head_dim_80", [(1, 40), (6, 25)], head_dim=80),
     _c("head_dim_128", [(1, 40), (6, 25)], head_dim=128),
     _c("head_dim_256", [(1, 40), (6, 25)], num_q_heads=4, head_dim=256),
+    # Gemma-like prefill: head_dim 256 with prefill blocks, a window and a soft cap
+    _c("head_dim_256_prefill", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=2, head_dim=256,
+       sliding_window=150, soft_cap=50.0, interpret=False),
     # page sizes
     _c("page_size_1", [(1, 23), (5, 9), (2, 2)], page_size=1),
     _c("page_size_64", [(1, 130), (5, 64), (3, 65)], page_size=64),

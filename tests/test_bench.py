@@ -67,13 +67,15 @@ def test_flops_and_bytes_by_hand():
     w = SUITE["decode_b32_ctx8k_gemma"]
     assert w.flops == 4 * 256 * 16 * 32 * 4096
     assert w.bytes == 32 * 4096 * 2 * 8 * 256 * 2 + 2 * 32 * 16 * 256 * 2
+    # Causal prefill of 8192 under a 4096 window: position p sees min(p + 1, 4096) keys.
+    assert SUITE["prefill_b2_8k_gemma_d256"].flops == 4 * 256 * 16 * 2 * (4096 * 4097 // 2 + 4096 * 4096)
 
 
 def test_suite_names_and_server_rows():
     assert [n for n in SUITE if "@" not in n] == [
         "decode_b64_ctx4k", "decode_b8_ctx4k", "decode_b8_ctx32k", "prefill_b8_2k", "prefill_b1_16k",
         "chunked_b4_1k_of_8k", "mixed_4p_60d", "decode_b32_ctx8k_gemma", "prefill_b4_4k_mha_d64",
-        "decode_b64_ctx4k_sinks"]
+        "decode_b64_ctx4k_sinks", "prefill_b2_8k_gemma_d256"]
     assert {"decode_b64_ctx4k@T512xS128", "decode_b64_ctx4k@T8192xS256", "decode_b8_ctx4k@T256xS64",
             "decode_b8_ctx4k@T2048xS256", "decode_b8_ctx32k@T2048xS256", "mixed_4p_60d@T8192xS256",
             "chunked_b4_1k_of_8k@T8192xS256"} <= set(SUITE)

@@ -39,10 +39,11 @@ block never writes another sequence's rows.
 Opt-in (``implementation="mosaic"``, docs/decisions.md): every bucket shape compiles its own kernel
 and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupported`` says why a
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
-lower it), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64 or 128, an
-even number of query heads per KV head or one (MHA, head_dim 64 only: a block's two query heads
-then read two KV heads, whose K/V tiles share each ring stage and its barrier), and a page size
-that is a multiple of 8 and divides or is a multiple of the 128-key tile.
+lower it), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64, 128 or 256
+(64-key tiles; the output buffer reuses Q's shared memory), an even number of query heads per KV
+head or one (MHA, head_dim 64 only: a block's two query heads then read two KV heads, whose K/V
+tiles share each ring stage and its barrier), and a page size that is a multiple of 8 and
+divides or is a multiple of the key tile (128 keys; 64 at head_dim 256).
 """
 
 from __future__ import annotations
@@ -97,16 +98,18 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
     if not (q_dtype == kv_dtype == compute_dtype and q_dtype in ("bfloat16", "float16")):
         return ("the Mosaic GPU prefill needs queries, kv_pages and compute_dtype all bfloat16 or all "
                 f"float16, got {q_dtype}, {kv_dtype}, {compute_dtype}")
-    if head_dim not in (64, 128):
-        return f"the Mosaic GPU prefill supports head_dim 64 and 128, got {head_dim}"
+    if head_dim not in (64, 128, 256):
+        return f"the Mosaic GPU prefill supports head_dim 64, 128 and 256, got {head_dim}"
     if group == 1 and head_dim != 64:
         return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 only: two "
                 f"heads' K/V tiles of head_dim {head_dim} leave no second ring stage in shared memory")
     if group % 2 and group != 1:
-        return f"the Mosaic GPU prefill pairs query heads of one KV head: needs an even group size (or 1: MHA), got {group}"
+        return ("the Mosaic GPU prefill pairs query heads of one KV head: needs an even group size "
+                f"(or 1: MHA), got {group}")
     block_kv, _ = config(head_dim, group)
     if page_size % 8 or (block_kv % page_size and page_size % block_kv):
-        return f"the Mosaic GPU prefill copies whole pages of a multiple of 8 rows, got page_size {page_size}"
+        return (f"the Mosaic GPU prefill copies whole pages of a multiple of 8 rows that divide or are a "
+                f"multiple of its {block_kv}-key tile, got page_size {page_size}")
     return None
 
 
@@ -201,6 +204,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     # K/V heads per block: the two query heads share one (GQA), or each has its own (MHA, group 1:
     # the ring holds both heads' tiles, stage s of head k at buffer s * nkv + k).
     nkv = 2 if group == 1 else 1
+    # head_dim 256: Q, a 2-stage ring of 64-key K/V tiles and the output buffers would take 256 KB;
+    # the output reuses Q's bytes (each warpgroup's own half: it writes O after its last S = Q K^T
+    # and zeroes rows before its Q arrives), 192 KB.
+    o_in_q = head_dim > 128
     if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
         window = min(window, pages_per_seq * page_size + 1)
     if soft_cap is None:
@@ -209,7 +216,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         qk_scale = sm_scale / soft_cap
 
     def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
-        (q_smem, k_smem, v_smem, o_smem), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
+        smem, (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
+        (q_smem, k_smem, v_smem), o_smem = smem if o_in_q else (smem[:3], smem[3])
         with jax.named_scope("entry"):   # the first event of a block's trace: its start
             hp = lax.axis_index("hp")
             b = n_slots - 1 - lax.axis_index("slot")
@@ -451,12 +459,13 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
-        scratch = [
+        tiled = [
             plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((2, BLOCK_Q, head_dim), dtype),
         ]
+        out = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype)   # untiled: stored in 1..64-row pieces
+        scratch = plgpu.RefUnion(tiled, out) if o_in_q else [*tiled, out]
         pl.run_scoped(
             lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
             scratch,
