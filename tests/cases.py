@@ -228,7 +228,8 @@ BASE_CASES = [
     _c("mha", [(1, 40), (6, 25), (11, 11)], num_q_heads=4, num_kv_heads=4),
     _c("gqa8", [(1, 40), (6, 25), (11, 11)], num_q_heads=16, num_kv_heads=2),
     _c("mqa", [(1, 40), (6, 25), (11, 11)], num_q_heads=8, num_kv_heads=1),
-    # MHA with prefill blocks (the mha case's are decode-sized; the Mosaic prefill's two-KV-head blocks), a window and sinks
+    # MHA with prefill blocks (the mha case's are decode-sized; the Mosaic prefill's two-KV-head
+    # blocks), a window and sinks
     _c("mha_prefill", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=4, sliding_window=150,
        sinks="q_heads", interpret=False),
     _c("gqa8_decode", [(1, 40), (1, 100), (1, 3)], num_q_heads=8, num_kv_heads=1, extra_tokens=0),

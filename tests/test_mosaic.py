@@ -117,8 +117,8 @@ def test_sink_table():
     assert (none[:, 0] == mp.NEG).all() and (none[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("what", ["float32", "mha_d128", "odd_group", "head_dim_80", "page_size_4", "fp8", "compute_float32",
-                                  "tile_knobs"])
+@pytest.mark.parametrize("what", ["float32", "mha_d128", "odd_group", "head_dim_80", "page_size_4", "fp8",
+                                  "compute_float32", "tile_knobs"])
 def test_mosaic_falls_back_to_triton_saying_why(what):
     """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
     that names the reason (on any JAX: outside TESTED_JAX the version is the reason)."""
@@ -126,13 +126,13 @@ def test_mosaic_falls_back_to_triton_saying_why(what):
     from ragged_paged_attention.validate import Dims
 
     kw = dict(h=8, kvh=2, d=64, page=16, q="bfloat16", kv="bfloat16", compute="bfloat16")
-    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha_d128": dict(kvh=8, d=128), "odd_group": dict(h=6),
-               "head_dim_80": dict(d=80), "page_size_4": dict(page=4), "fp8": dict(kv="float8_e4m3fn"),
-               "compute_float32": dict(compute="float32"), "tile_knobs": {}}[what])
+    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha_d128": dict(kvh=8, d=128),
+               "odd_group": dict(h=6), "head_dim_80": dict(d=80), "page_size_4": dict(page=4),
+               "fp8": dict(kv="float8_e4m3fn"), "compute_float32": dict(compute="float32"), "tile_knobs": {}}[what])
     dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
-    reason = {"float32": "all bfloat16", "mha_d128": "MHA", "odd_group": "even group size", "head_dim_80": "head_dim 64, 128 and 256",
-              "page_size_4": "multiple of 8", "fp8": "all bfloat16", "compute_float32": "all bfloat16",
-              "tile_knobs": "num_queries_per_block"}[what]
+    reason = {"float32": "all bfloat16", "mha_d128": "MHA", "odd_group": "even group size",
+              "head_dim_80": "head_dim 64, 128 and 256", "page_size_4": "multiple of 8", "fp8": "all bfloat16",
+              "compute_float32": "all bfloat16", "tile_knobs": "num_queries_per_block"}[what]
     if not _tested_jax():
         reason = "is not a version the Mosaic GPU prefill was run with"
     with pytest.warns(rpa.MosaicFallbackWarning, match=reason):

@@ -6,9 +6,8 @@ under MHA), three warpgroups:
 - a producer warpgroup (40 registers), of which one warp issues the copies, streams the
   sequence's K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA,
   one copy per page (or per BLOCK_KV rows of a page larger than a tile): the page id is read from
-  the block table at run time. Pages wholly outside
-  the block's visible key range are never read: their copies take the out-of-bounds page id
-  num_pages and arrive as zeros. The one page that holds a sequence's last key is copied from a
+  the block table at run time. Pages wholly outside the block's visible key range are never read:
+  their copies take the out-of-bounds page id num_pages and arrive as zeros. The one page that holds a sequence's last key is copied from a
   start shifted back so that it ends with the 8-row group of that key: the slots past kv_len
   (which may hold anything, NaN included) are not read beyond that group; the shifted-in rows are
   out-of-bounds zeros (a negative slot start: the unit is the first of its page) or earlier keys of
