@@ -3,7 +3,7 @@ copy and matmul ceilings measured in the same run; server-shaped rows against th
 flash-attn3-jax beside ours (--peers); the start-up record (--startup). Nothing is written unless
 --out is given. Without a GPU: the shrunk suite through implementation="xla", a smoke test.
 
-    python benchmarks/run.py [--quick] [-k SUBSTR] [--impl triton torch xla] [--peers] [--page-sizes N ...]
+    python benchmarks/run.py [--quick] [-k SUBSTR] [--impl triton torch xla] [--peers] [--page-sizes N ...] [--fp8]
                              [--startup] [--out X.json]
     python -m ragged_paged_attention bench ...   (the same)
 """
@@ -103,8 +103,9 @@ def measure_ceilings(gpu: bool, reps: int) -> dict:
                 matmul=f"bf16 {m}x{m}x{m}", jax_empty_call_us=round(call_us(inc, [x], 200), 1))
 
 
-def to_jax(d: dict) -> dict:
-    out = {k: jnp.asarray(d[k], jnp.bfloat16) for k in ("queries", "kv_pages")}
+def to_jax(d: dict, kv_dtype: str = "bfloat16") -> dict:
+    out = {"queries": jnp.asarray(d["queries"], jnp.bfloat16),
+           "kv_pages": jnp.asarray(d["kv_pages"], jnp.bfloat16).astype(kv_dtype)}
     out.update({k: jnp.asarray(d[k], jnp.int32) for k in ("context_lens", "block_tables", "query_start_loc")})
     out["num_seqs"] = jnp.asarray(d["num_seqs"], jnp.int32)  # traced, as a server passes it
     out["softmax_aux"] = None if d["softmax_aux"] is None else jnp.asarray(d["softmax_aux"], jnp.float32)
@@ -130,9 +131,9 @@ class Inputs:
     """Device inputs of one workload: kv sets (enough to rotate past L2), query sets made on demand."""
 
     def __init__(self, w: wl.Workload, gpu: bool):
-        pool = w.num_pages * w.page_size * 2 * w.num_kv_heads * w.head_dim * w.itemsize
+        pool = w.num_pages * w.page_size * 2 * w.num_kv_heads * w.head_dim * w.kv_itemsize
         self.w, self.ref, self.key = w, None, jax.random.key(1000)
-        self.sets = [to_jax(wl.build(w, seed=k, normal=device_normal(k) if gpu else None))
+        self.sets = [to_jax(wl.build(w, seed=k, normal=device_normal(k) if gpu else None), w.kv_dtype)
                      for k in range(min(8, max(2, -(-4 * L2_BYTES // pool))) if gpu else 2)]
         self.qs = [s["queries"] for s in self.sets]
 
@@ -410,6 +411,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--page-sizes", type=int, nargs="+", default=[], metavar="N",
                    help="also each exact-shape row with its cache in pages of N tokens (row@pN; x twin: "
                         "against page 16, the cost of the page gathers)")
+    p.add_argument("--fp8", action="store_true", help="also each exact-shape row with a float8_e4m3fn cache "
+                   "(row@fp8, scales 1; x twin: against the bfloat16 cache)")
     p.add_argument("--startup", action="store_true", help="the start-up record (two fresh processes)")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which the remaining workloads are skipped")
     p.add_argument("--impl", nargs="+", choices=IMPLS, help="default: triton mosaic torch on a GPU, xla elsewhere "
@@ -429,7 +432,8 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no workload name contains {args.k!r}: {[w.name for w in wl.suite()]}", file=sys.stderr)
         return 2
-    rows = [v for w in rows for v in [w] + [wl.repaged(w, p) for p in args.page_sizes if w.tokens is None]]
+    rows = [v for w in rows for v in [w] + [wl.repaged(w, p) for p in args.page_sizes if w.tokens is None]
+            + ([wl.fp8_cache(w)] if args.fp8 and w.tokens is None else [])]
     device = jax.devices()[0].device_kind if gpu else f"cpu ({platform.machine()})"
     if not gpu:
         print("no GPU found: running the shrunk suite through implementation='xla' (a smoke test, not a benchmark)")

@@ -27,6 +27,7 @@ class Workload:
     tokens: int | None = None  # server rows: token bucket T (queries padded to T rows)
     slots: int | None = None   # server rows: S sequence slots
     itemsize: int = 2          # bf16 queries, pages, output
+    kv_dtype: str = "bfloat16"  # the cache: bfloat16, or float8_e4m3fn (row@fp8; scales 1)
 
     twin = property(lambda self: self.name.split("@")[0])  # the exact-shape workload a server row pads
     num_seqs = property(lambda self: len(self.pairs))
@@ -34,6 +35,7 @@ class Workload:
     padded_tokens = property(lambda self: self.tokens or self.total_tokens)
     max_num_seqs = property(lambda self: self.slots or self.num_seqs)
     pages_per_seq = property(lambda self: max(-(-kv // self.page_size) for _, kv in self.pairs))
+    kv_itemsize = property(lambda self: 1 if self.kv_dtype == "float8_e4m3fn" else self.itemsize)
 
     @property
     def num_pages(self) -> int:
@@ -55,7 +57,7 @@ class Workload:
 
     @property
     def bytes(self) -> int:
-        kv = self.kv_tokens_read() * 2 * self.num_kv_heads * self.head_dim * self.itemsize
+        kv = self.kv_tokens_read() * 2 * self.num_kv_heads * self.head_dim * self.kv_itemsize
         return kv + 2 * self.total_tokens * self.num_q_heads * self.head_dim * self.itemsize
 
     def describe(self) -> dict:
@@ -99,6 +101,12 @@ def server(w: Workload, tokens: int, slots: int) -> Workload:
     if tokens < w.total_tokens or slots < w.num_seqs:
         raise ValueError(f"{w.name}: T={tokens} and S={slots} must hold {w.total_tokens=} and {w.num_seqs=}")
     return dataclasses.replace(w, name=f"{w.twin}@T{tokens}xS{slots}", tokens=tokens, slots=slots)
+
+
+def fp8_cache(w: Workload) -> Workload:
+    """`w` with its cache in float8_e4m3fn (named w@fp8; its twin is w, scales 1): what an fp8
+    cache costs or saves each kernel against bfloat16 pages."""
+    return dataclasses.replace(w, name=f"{w.twin}@fp8", kv_dtype="float8_e4m3fn")
 
 
 def repaged(w: Workload, page_size: int) -> Workload:

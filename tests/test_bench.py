@@ -67,6 +67,9 @@ def test_flops_and_bytes_by_hand():
     w = SUITE["decode_b32_ctx8k_gemma"]
     assert w.flops == 4 * 256 * 16 * 32 * 4096
     assert w.bytes == 32 * 4096 * 2 * 8 * 256 * 2 + 2 * 32 * 16 * 256 * 2
+    # An fp8 cache: its K/V bytes at one byte per value, queries and output at two.
+    f8 = wl.fp8_cache(SUITE["prefill_b8_2k"])
+    assert f8.twin == "prefill_b8_2k" and f8.bytes == 8 * 2048 * 2 * 8 * 128 * 1 + 2 * 8 * 2048 * 32 * 128 * 2
     # Causal prefill of 8192 under a 4096 window: position p sees min(p + 1, 4096) keys.
     assert SUITE["prefill_b2_8k_gemma_d256"].flops == 4 * 256 * 16 * 2 * (4096 * 4097 // 2 + 4096 * 4096)
 
@@ -189,6 +192,19 @@ def test_page_size_rows_compare_with_their_page_16_twin(run, tmp_path):
     assert doc["workloads"]["chunked_b4_1k_of_8k@p256"]["page_size"] == 256
     by = {r["workload"]: r for r in doc["results"]}
     assert by["chunked_b4_1k_of_8k@p256"]["vs_twin"] > 0 and "error" not in by["chunked_b4_1k_of_8k@p256"]
+
+
+def test_fp8_rows_compare_with_their_bfloat16_twin(run, tmp_path):
+    """--fp8 adds row@fp8 (the same batch, its cache in float8_e4m3fn) beside each exact-shape row,
+    timed against it, checked against the float32 path on its own (fp8) cache, counted at one byte."""
+    path = tmp_path / "fp8.json"
+    assert run.main(["--quick", "-k", "prefill_b8_2k", "--fp8", "--out", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert list(doc["workloads"]) == ["prefill_b8_2k", "prefill_b8_2k@fp8"]
+    bf16, fp8 = doc["workloads"]["prefill_b8_2k"], doc["workloads"]["prefill_b8_2k@fp8"]
+    assert fp8["kv_dtype"] == "float8_e4m3fn" and fp8["flops"] == bf16["flops"] and fp8["bytes"] < bf16["bytes"]
+    row = {r["workload"]: r for r in doc["results"]}["prefill_b8_2k@fp8"]
+    assert row["vs_twin"] > 0 and "error" not in row
 
 
 def test_page_size_rows_run_their_twins_tiles(run, tmp_path, monkeypatch):
