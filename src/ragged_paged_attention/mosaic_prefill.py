@@ -476,12 +476,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     s = lax.rem(i, jnp.int32(2))
                     slot = lax.rem(i, jnp.int32(stages))
                     plgpu.barrier_wait(stg_bar.at[s])
-
-                    @pl.when(i >= stages)
-                    def _():
-                        plgpu.barrier_wait(k_used.at[slot])
-                        plgpu.barrier_wait(v_used.at[slot])
-                    for stg, ring, bar in ((stg_k, k_smem, k_bar), (stg_v, v_smem, v_bar)):
+                    # K first: its slot frees (after S = Q K^T) before V's (after P V).
+                    for stg, ring, bar, used in ((stg_k, k_smem, k_bar, k_used), (stg_v, v_smem, v_bar, v_used)):
+                        @pl.when(i >= stages)
+                        def _():
+                            plgpu.barrier_wait(used.at[slot])
                         for k in range(nkv):
                             widen(stg.at[s * nkv + k], ring.at[slot * nkv + k])
                         plgpu.commit_smem()   # the ring's generic-proxy writes, before wgmma reads them
