@@ -208,6 +208,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     dtype = queries.dtype
     fp8 = kv_pages.dtype == jnp.float8_e4m3fn
     assert not fp8 or sink_ml.shape[1] == 4, "an fp8 cache's scales travel in the sink table"
+    if fp8 and profile_dir and head_dim > 64:
+        raise ValueError("the profiler's buffer does not fit beside a head_dim 128 fp8 kernel's 224 KB of "
+                         "shared memory (its staging tiles)")
     group = num_q_heads // num_kv_heads
     block_kv, stages = config(head_dim, group)
     cu = min(page_size, block_kv)          # rows per TMA copy
@@ -454,7 +457,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             # values at a time); the consumers give 8 each (2 x 128 x 224 + 128 x 56 <= 64K).
             plgpu.set_max_registers(56, action="decrease")
             stg_k, stg_v = tiled[3:]
-            stg_bar = bars[3]
+            stg_kbar, stg_vbar = bars[3:]
 
             def widen(src, dst):
                 for r in range(0, block_kv, BLOCK_Q):   # WGMMA-shaped pieces of 64 rows
@@ -468,16 +471,20 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 for j in range(2):
                     @pl.when(j < n_tiles)
                     def _():
-                        issue(j, 0, stg_k, stg_bar, 2)
-                        issue(j, 1, stg_v, stg_bar, 2)
+                        issue(j, 0, stg_k, stg_kbar, 2)
+                        issue(j, 1, stg_v, stg_vbar, 2)
 
                 @pl.loop(0, n_tiles)
                 def _(i):
                     s = lax.rem(i, jnp.int32(2))
                     slot = lax.rem(i, jnp.int32(stages))
-                    plgpu.barrier_wait(stg_bar.at[s])
-                    # K first: its slot frees (after S = Q K^T) before V's (after P V).
-                    for stg, ring, bar, used in ((stg_k, k_smem, k_bar, k_used), (stg_v, v_smem, v_bar, v_used)):
+                    # K first: its slot frees (after S = Q K^T) before V's (after P V); each staging
+                    # buffer is refilled as soon as it is read (the fence in commit_smem orders the
+                    # reads before the TMA's writes).
+                    for which, (stg, sbar, ring, bar, used) in enumerate(
+                            ((stg_k, stg_kbar, k_smem, k_bar, k_used), (stg_v, stg_vbar, v_smem, v_bar, v_used))):
+                        plgpu.barrier_wait(sbar.at[s])
+
                         @pl.when(i >= stages)
                         def _():
                             plgpu.barrier_wait(used.at[slot])
@@ -486,10 +493,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         plgpu.commit_smem()   # the ring's generic-proxy writes, before wgmma reads them
                         plgpu.barrier_arrive(bar.at[slot])
 
-                    @pl.when(i + 2 < n_tiles)   # staging buffer s is read: refill it
-                    def _():
-                        issue(i + 2, 0, stg_k, stg_bar, 2)
-                        issue(i + 2, 1, stg_v, stg_bar, 2)
+                        @pl.when(i + 2 < n_tiles)
+                        def _():
+                            issue(i + 2, which, stg, sbar, 2)
 
         @pl.when(wg == 2)
         def _producer():
@@ -538,8 +544,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         # K/V ring barriers: the TMA copies of a tile arrive on them, or (fp8) the producer once.
         ring_arrivals = 1 if fp8 else units * nkv
         bars = [plgpu.Barrier(num_arrivals=ring_arrivals, num_barriers=stages)] * 2 + [plgpu.Barrier(num_barriers=2)]
-        if fp8:
-            bars.append(plgpu.Barrier(num_arrivals=2 * units * nkv, num_barriers=2))   # staging: K and V copies
+        if fp8:   # the staging buffers' K and V copies
+            bars += [plgpu.Barrier(num_arrivals=units * nkv, num_barriers=2)] * 2
         pl.run_scoped(
             lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
             scratch,
