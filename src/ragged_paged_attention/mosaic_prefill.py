@@ -40,9 +40,10 @@ and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupport
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
 lower it), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64, 128 or 256
 (64-key tiles; the output buffer reuses Q's shared memory), an even number of query heads per KV
-head or one (MHA, head_dim 64 only: a block's two query heads then read two KV heads, whose K/V
-tiles share each ring stage and its barrier), and a page size that is a multiple of 8 and
-divides or is a multiple of the key tile (128 keys; 64 at head_dim 256).
+head or one (MHA at head_dim 64 or 128: a block's two query heads then read two KV heads, whose
+K/V tiles share each ring stage and its barrier; at 128 in 64-key tiles with the output in Q's
+shared memory), and a page size that is a multiple of 8 and divides or is a multiple of the key
+tile (128 keys; 64 at head_dim 256 and for MHA at 128).
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
                 f"float16, got {q_dtype}, {kv_dtype}, {compute_dtype}")
     if head_dim not in (64, 128, 256):
         return f"the Mosaic GPU prefill supports head_dim 64, 128 and 256, got {head_dim}"
-    if group == 1 and head_dim != 64:
-        return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 only: two "
+    if group == 1 and head_dim > 128:
+        return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 and 128: two "
                 f"heads' K/V tiles of head_dim {head_dim} leave no second ring stage in shared memory")
     if group % 2 and group != 1:
         return ("the Mosaic GPU prefill pairs query heads of one KV head: needs an even group size "
@@ -206,7 +207,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     # head_dim 256: Q, a 2-stage ring of 64-key K/V tiles and the output buffers would take 256 KB;
     # the output reuses Q's bytes (each warpgroup's own half: it writes O after its last S = Q K^T
     # and zeroes rows before its Q arrives), 192 KB.
-    o_in_q = head_dim > 128
+    o_in_q = head_dim > 128 or (nkv == 2 and head_dim > 64)   # MHA d128: two heads' 64-key tiles
     if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
         window = min(window, pages_per_seq * page_size + 1)
     if soft_cap is None:
