@@ -89,6 +89,7 @@ SUITE = [
     W("decode_b64_ctx4k_sinks", ((1, 4096),) * 64, sinks=True),
     W("prefill_b2_8k_gemma_d256", ((8192, 8192),) * 2, num_q_heads=16, num_kv_heads=8, head_dim=256,
       sliding_window=4096, soft_cap=50.0),
+    W("prefill_b2_4k_mha_d128", ((4096, 4096),) * 2, num_q_heads=32, num_kv_heads=32),   # a Llama-2-7B layer
 ]
 # (workload, T, S): the server-shaped rows of benchmarks/README.md.
 SERVER_SHAPES = [("decode_b64_ctx4k", 512, 128), ("decode_b64_ctx4k", 2048, 256), ("decode_b64_ctx4k", 8192, 256),

@@ -78,7 +78,7 @@ def test_suite_names_and_server_rows():
     assert [n for n in SUITE if "@" not in n] == [
         "decode_b64_ctx4k", "decode_b8_ctx4k", "decode_b8_ctx32k", "prefill_b8_2k", "prefill_b1_16k",
         "chunked_b4_1k_of_8k", "mixed_4p_60d", "decode_b32_ctx8k_gemma", "prefill_b4_4k_mha_d64",
-        "decode_b64_ctx4k_sinks", "prefill_b2_8k_gemma_d256"]
+        "decode_b64_ctx4k_sinks", "prefill_b2_8k_gemma_d256", "prefill_b2_4k_mha_d128"]
     assert {"decode_b64_ctx4k@T512xS128", "decode_b64_ctx4k@T8192xS256", "decode_b8_ctx4k@T256xS64",
             "decode_b8_ctx4k@T2048xS256", "decode_b8_ctx32k@T2048xS256", "mixed_4p_60d@T8192xS256",
             "chunked_b4_1k_of_8k@T8192xS256"} <= set(SUITE)
