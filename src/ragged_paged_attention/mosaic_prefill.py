@@ -59,6 +59,7 @@ from .plan import mosaic_config as config
 
 LOG2E = math.log2(math.e)
 NEG = -2.381976426469702e38  # finite start of the running max (NEG - NEG == 0, exp2(NEG - m) == 0)
+BLOCK_SMEM = 227 * 1024      # shared memory of one H100/H200 block
 # (lowest, first untested) JAX version the kernel has run on a GPU with (Pallas Mosaic GPU's API
 # changes between releases; other versions take the Triton prefill).
 TESTED_JAX = ((0, 11, 2), (0, 12))
@@ -203,10 +204,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     # K/V heads per block: the two query heads share one (GQA), or each has its own (MHA, group 1:
     # the ring holds both heads' tiles, stage s of head k at buffer s * nkv + k).
     nkv = 2 if group == 1 else 1
-    # head_dim 256: Q, a 2-stage ring of 64-key K/V tiles and the output buffers would take 256 KB;
-    # the output reuses Q's bytes (each warpgroup's own half: it writes O after its last S = Q K^T
-    # and zeroes rows before its Q arrives), 192 KB.
-    o_in_q = head_dim > 128
+    # Where Q (2 x 64 rows), the K/V ring and the output buffers (2 x 64 rows) do not fit a block
+    # (head_dim 256: 256 KB), the output reuses Q's bytes (each warpgroup's own half: it writes O
+    # after its last S = Q K^T and zeroes rows before its Q arrives).
+    rows = 2 * BLOCK_Q + 2 * stages * nkv * block_kv + 2 * BLOCK_Q
+    o_in_q = rows * head_dim * dtype.itemsize > BLOCK_SMEM
     if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
         window = min(window, pages_per_seq * page_size + 1)
     if soft_cap is None:
