@@ -218,7 +218,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
     def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
         smem, (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
-        (q_smem, k_smem, v_smem), o_smem = smem if o_in_q else (smem[:3], smem[3])
+        if o_in_q:
+            (q_smem, k_smem, v_smem), o_smem, ot_smem = smem
+        else:
+            q_smem, k_smem, v_smem, (o_smem, ot_smem) = smem
         with jax.named_scope("entry"):   # the first event of a block's trace: its start
             hp = lax.axis_index("hp")
             b = n_slots - 1 - lax.axis_index("slot")
@@ -264,7 +267,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             head = 2 * hp + wg
             kv_buf = wg if nkv == 2 else 0   # this warpgroup's K/V within a ring stage
             q_buf = q_smem.at[wg]
-            o_buf = o_smem.at[wg]
+            o_buf = o_smem.at[wg]     # untiled: any rows, stored in power-of-two pieces
+            ot_buf = ot_smem.at[wg]   # the same bytes tiled and swizzled: a whole 64-row block
             za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
 
             @pl.when(za_n + zb_n > 0)
@@ -400,9 +404,28 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 with jax.named_scope("store"):
                     # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
                     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-                    o_buf[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-                    plgpu.commit_smem()
-                    store_rows(o_buf, v0, tok0 + v0, n_rows, head)
+                    o = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+
+                    def untiled():
+                        o_buf[...] = o
+                        plgpu.commit_smem()
+                        store_rows(o_buf, v0, tok0 + v0, n_rows, head)
+
+                    if t_total % 8:   # the tiled view moves whole 8-row groups of the output
+                        untiled()
+                    else:
+                        # A block of 64 rows of its sequence (all but a sequence's first and last,
+                        # usually) goes out through the swizzled view: stores into the untiled
+                        # 256-byte rows put 8 threads of a warp in one bank (an 8-way conflict;
+                        # the store phase was ~2.5k cycles per block, NOTES v7).
+                        whole = (v0 == 0) & (n_rows == BLOCK_Q)
+
+                        @pl.when(whole)
+                        def _():
+                            ot_buf[...] = o
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(ot_buf, out_ref.at[pl.ds(tok0, BLOCK_Q), head])
+                        pl.when(~whole)(untiled)
             with jax.named_scope("store_wait"):
                 plgpu.wait_smem_to_gmem(0)
 
@@ -466,7 +489,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
         ]
         out = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype)   # untiled: stored in 1..64-row pieces
-        scratch = plgpu.RefUnion(tiled, out) if o_in_q else [*tiled, out]
+        out_t = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle))   # whole blocks
+        # Each block writes and reads its output through one of the two views (never across).
+        scratch = plgpu.RefUnion(tiled, out, out_t) if o_in_q else [*tiled, plgpu.RefUnion(out, out_t)]
         pl.run_scoped(
             lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
             scratch,
