@@ -232,6 +232,8 @@ BASE_CASES = [
     # blocks), a window and sinks
     _c("mha_prefill", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=4, sliding_window=150,
        sinks="q_heads", interpret=False),
+    _c("mha_prefill_d128", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=4, head_dim=128,
+       soft_cap=30.0, interpret=False),
     _c("gqa8_decode", [(1, 40), (1, 100), (1, 3)], num_q_heads=8, num_kv_heads=1, extra_tokens=0),
     # head dims (80: not a power of two)
     _c("head_dim_80", [(1, 40), (6, 25)], head_dim=80),

@@ -117,7 +117,7 @@ def test_sink_table():
     assert (none[:, 0] == mp.NEG).all() and (none[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("what", ["float32", "mha_d128", "odd_group", "head_dim_80", "page_size_4", "fp8",
+@pytest.mark.parametrize("what", ["float32", "mha_d256", "odd_group", "head_dim_80", "page_size_4", "fp8",
                                   "compute_float32", "tile_knobs"])
 def test_mosaic_falls_back_to_triton_saying_why(what):
     """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
@@ -126,11 +126,11 @@ def test_mosaic_falls_back_to_triton_saying_why(what):
     from ragged_paged_attention.validate import Dims
 
     kw = dict(h=8, kvh=2, d=64, page=16, q="bfloat16", kv="bfloat16", compute="bfloat16")
-    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha_d128": dict(kvh=8, d=128),
+    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha_d256": dict(kvh=8, d=256),
                "odd_group": dict(h=6), "head_dim_80": dict(d=80), "page_size_4": dict(page=4),
                "fp8": dict(kv="float8_e4m3fn"), "compute_float32": dict(compute="float32"), "tile_knobs": {}}[what])
     dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
-    reason = {"float32": "all bfloat16", "mha_d128": "MHA", "odd_group": "even group size",
+    reason = {"float32": "all bfloat16", "mha_d256": "MHA", "odd_group": "even group size",
               "head_dim_80": "head_dim 64, 128 and 256", "page_size_4": "multiple of 8", "fp8": "all bfloat16",
               "compute_float32": "all bfloat16", "tile_knobs": "num_queries_per_block"}[what]
     if not _tested_jax():
@@ -153,6 +153,8 @@ def test_mosaic_chosen_only_when_asked():
         assert prefill_kernel("mosaic", dims, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
         mha_d64 = Dims(64, 8, 64, 32, 16, 8, 4, 8)
         assert prefill_kernel("mosaic", mha_d64, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
+        mha_d128 = Dims(64, 8, 128, 32, 16, 8, 4, 8)
+        assert prefill_kernel("mosaic", mha_d128, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
         gqa_d256 = Dims(64, 8, 256, 32, 16, 4, 4, 8)
         assert prefill_kernel("mosaic", gqa_d256, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
 
@@ -175,6 +177,7 @@ needs_tested_jax = pytest.mark.skipif(
     (64, 128, 256, 33, None, False, 4),       # pages larger than the key tile
     (2048, 64, 16, 500, 30.0, True, 16),      # MHA (head_dim 64): two KV heads per block, every feature
     (512, 256, 16, 300, 50.0, True, 8),       # head_dim 256: 64-key tiles, O in Q's shared memory
+    (512, 128, 16, 300, 30.0, True, 16),      # MHA at head_dim 128: two heads' 64-key tiles
 ])
 def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh):
     h, s, width, pages = 16, 8, 32, 64

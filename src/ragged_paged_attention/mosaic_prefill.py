@@ -40,9 +40,9 @@ and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupport
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
 lower it), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64, 128 or 256
 (64-key tiles; the output buffer reuses Q's shared memory), an even number of query heads per KV
-head or one (MHA, head_dim 64 only: a block's two query heads then read two KV heads, whose K/V
-tiles share each ring stage and its barrier), and a page size that is a multiple of 8 and
-divides or is a multiple of the key tile (128 keys; 64 at head_dim 256).
+head or one (MHA at head_dim 64 or 128: a block's two query heads then read two KV heads, whose
+K/V tiles share each ring stage and its barrier), and a page size that is a multiple of 8 and
+divides or is a multiple of the key tile (128 keys; 64 at head_dim 256 and for MHA at 128).
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
                 f"float16, got {q_dtype}, {kv_dtype}, {compute_dtype}")
     if head_dim not in (64, 128, 256):
         return f"the Mosaic GPU prefill supports head_dim 64, 128 and 256, got {head_dim}"
-    if group == 1 and head_dim != 64:
-        return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 only: two "
+    if group == 1 and head_dim > 128:
+        return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 and 128: two "
                 f"heads' K/V tiles of head_dim {head_dim} leave no second ring stage in shared memory")
     if group % 2 and group != 1:
         return ("the Mosaic GPU prefill pairs query heads of one KV head: needs an even group size "

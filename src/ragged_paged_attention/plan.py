@@ -42,10 +42,10 @@ def mosaic_config(head_dim: int, group: int = 2) -> tuple[int, int]:
     tiles + 2 x 64-row output buffers stay under the 227 KB of an H100/H200 block. group 1 (MHA:
     a block's two query heads read two KV heads) holds two heads' K and V per stage. head_dim 256
     takes 64-key tiles and its output reuses Q's shared memory: 64 + 2 x 64 KB."""
-    if group == 1:
-        return (128, 2)   # d64 only: 16 + 2 x 64 + 16 KB
-    if head_dim > 128:
-        return (64, 2)
+    if group == 1 and head_dim <= 64:
+        return (128, 2)   # 16 + 2 x 64 + 16 KB
+    if head_dim > 128 or group == 1:
+        return (64, 2)    # MHA d128: 32 + 2 x 2 x 32 + 32 KB; d256: 64 + 2 x 64 KB (output in Q)
     return (128, 4) if head_dim <= 64 else (128, 2)
 
 # Shared memory a tile may plan on (bytes): under an A100's 164 KB and an H100's 227 KB per block.
