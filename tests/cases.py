@@ -260,6 +260,9 @@ FP8_CASES = [
     _c("fp8_kv", [(1, 60), (9, 40), (0, 4)], kv_dtype="float8_e4m3fn", interpret=False),
     _c("fp8_kv_softcap_sinks", [(1, 60), (9, 40)], kv_dtype="float8_e4m3fn", soft_cap=8.0,
        sinks="q_heads", interpret=False),
+    # prefill blocks over several key tiles (the Mosaic prefill's staged fp8 ring wraps), a window
+    _c("fp8_kv_prefill", [(129, 300), (70, 70), (1, 50)], kv_dtype="float8_e4m3fn", sliding_window=150,
+       soft_cap=30.0, interpret=False),
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")

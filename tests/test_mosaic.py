@@ -117,8 +117,8 @@ def test_sink_table():
     assert (none[:, 0] == mp.NEG).all() and (none[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("what", ["float32", "mha_d256", "odd_group", "head_dim_80", "page_size_4", "fp8",
-                                  "compute_float32", "tile_knobs"])
+@pytest.mark.parametrize("what", ["float32", "mha_d256", "odd_group", "head_dim_80", "page_size_4",
+                                  "fp8_d256", "compute_float32", "tile_knobs"])
 def test_mosaic_falls_back_to_triton_saying_why(what):
     """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
     that names the reason (on any JAX: outside TESTED_JAX the version is the reason)."""
@@ -128,11 +128,13 @@ def test_mosaic_falls_back_to_triton_saying_why(what):
     kw = dict(h=8, kvh=2, d=64, page=16, q="bfloat16", kv="bfloat16", compute="bfloat16")
     kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha_d256": dict(kvh=8, d=256),
                "odd_group": dict(h=6), "head_dim_80": dict(d=80), "page_size_4": dict(page=4),
-               "fp8": dict(kv="float8_e4m3fn"), "compute_float32": dict(compute="float32"), "tile_knobs": {}}[what])
+               "fp8_d256": dict(kv="float8_e4m3fn", d=256), "compute_float32": dict(compute="float32"),
+               "tile_knobs": {}}[what])
     dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
-    reason = {"float32": "all bfloat16", "mha_d256": "MHA", "odd_group": "even group size",
-              "head_dim_80": "head_dim 64, 128 and 256", "page_size_4": "multiple of 8", "fp8": "all bfloat16",
-              "compute_float32": "all bfloat16", "tile_knobs": "num_queries_per_block"}[what]
+    reason = {"float32": "both bfloat16", "mha_d256": "MHA", "odd_group": "even group size",
+              "head_dim_80": "head_dim 64, 128 and 256", "page_size_4": "multiple of 8",
+              "fp8_d256": "fp8 cache at head_dim 64 and 128", "compute_float32": "both bfloat16",
+              "tile_knobs": "num_queries_per_block"}[what]
     if not _tested_jax():
         reason = "is not a version the Mosaic GPU prefill was run with"
     with pytest.warns(rpa.MosaicFallbackWarning, match=reason):
@@ -157,6 +159,7 @@ def test_mosaic_chosen_only_when_asked():
         assert prefill_kernel("mosaic", mha_d128, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
         gqa_d256 = Dims(64, 8, 256, 32, 16, 4, 4, 8)
         assert prefill_kernel("mosaic", gqa_d256, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
+        assert prefill_kernel("mosaic", dims, "bfloat16", "float8_e4m3fn", "bfloat16", arch=90) == "mosaic"
 
 
 def _tested_jax() -> bool:
@@ -170,24 +173,30 @@ needs_tested_jax = pytest.mark.skipif(
 
 
 @needs_tested_jax
-@pytest.mark.parametrize("t, d, page, window, cap, sinks, kvh", [
-    (190, 128, 16, None, None, False, 4),     # tokens not a multiple of 8: Q is padded
-    (2048, 128, 16, 500, 30.0, True, 4),      # every feature
-    (256, 64, 64, None, None, True, 4),       # head_dim 64, 64-row pages
-    (64, 128, 256, 33, None, False, 4),       # pages larger than the key tile
-    (2048, 64, 16, 500, 30.0, True, 16),      # MHA (head_dim 64): two KV heads per block, every feature
-    (512, 256, 16, 300, 50.0, True, 8),       # head_dim 256: 64-key tiles, O in Q's shared memory
-    (512, 128, 16, 300, 30.0, True, 16),      # MHA at head_dim 128: two heads' 64-key tiles
+@pytest.mark.parametrize("t, d, page, window, cap, sinks, kvh, kv", [
+    (190, 128, 16, None, None, False, 4, "bfloat16"),     # tokens not a multiple of 8: Q is padded
+    (2048, 128, 16, 500, 30.0, True, 4, "bfloat16"),      # every feature
+    (256, 64, 64, None, None, True, 4, "bfloat16"),       # head_dim 64, 64-row pages
+    (64, 128, 256, 33, None, False, 4, "bfloat16"),       # pages larger than the key tile
+    (2048, 64, 16, 500, 30.0, True, 16, "bfloat16"),      # MHA (head_dim 64): two KV heads per block, every feature
+    (512, 256, 16, 300, 50.0, True, 8, "bfloat16"),       # head_dim 256: 64-key tiles, O in Q's shared memory
+    (512, 128, 16, 300, 30.0, True, 16, "bfloat16"),      # MHA at head_dim 128: two heads' 64-key tiles
+    (512, 128, 16, 300, 30.0, True, 4, "float8_e4m3fn"),  # fp8 cache: staged, widened by the producer
+    (256, 64, 16, None, None, False, 4, "float8_e4m3fn"),  # fp8 at head_dim 64 (64-byte rows)
+    (256, 64, 16, 100, None, True, 16, "float8_e4m3fn"),  # fp8 MHA
+    (256, 128, 16, 100, None, False, 16, "float8_e4m3fn"),  # fp8 MHA at head_dim 128 (224 KB)
 ])
-def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh):
+def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh, kv):
     h, s, width, pages = 16, 8, 32, 64
     sds = jax.ShapeDtypeStruct
 
     def f(q, kv, bt, qsl, ctx, n, aux):
         slots = mp.slot_table(qsl, ctx, n, total_tokens=t, pages_per_seq=width, page_size=page, dec_q=DEC_Q)
-        return mp.prefill(q, kv, bt, slots, mp.sink_table(aux if sinks else None, h), num_kv_heads=kvh,
+        scales = (jnp.full((1,), 0.5), jnp.full((1,), 2.0)) if fp8 else (None, None)
+        return mp.prefill(q, kv, bt, slots, mp.sink_table(aux if sinks else None, h, *scales), num_kv_heads=kvh,
                           page_size=page, sm_scale=0.125, soft_cap=cap, window=window, dec_q=DEC_Q)
-    args = (sds((t, h, d), jnp.bfloat16), sds((pages, page, 2 * kvh, d), jnp.bfloat16), sds((s, width), jnp.int32),
+    fp8 = kv == "float8_e4m3fn"
+    args = (sds((t, h, d), jnp.bfloat16), sds((pages, page, 2 * kvh, d), kv), sds((s, width), jnp.int32),
             sds((s + 1,), jnp.int32), sds((s,), jnp.int32), sds((1,), jnp.int32), sds((h,), jnp.float32))
     text = jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
     assert text.count("custom_call @mosaic_gpu") == 1

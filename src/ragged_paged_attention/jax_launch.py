@@ -160,6 +160,7 @@ def _mosaic_prefill(launch, env: dict) -> jax.Array:
     slots = mp.slot_table(env["query_start_loc"], env["context_lens"], env["num_seqs"], total_tokens=t,
                           pages_per_seq=block_tables.shape[1], page_size=c["PAGE_SIZE"], dec_q=c["DEC_Q"])
     sinks = sink_logits(env["sinks"], h, c["NUM_KV_HEADS"]) if c["SINKS"] else None
-    return mp.prefill(queries, env["kv_pages"], block_tables, slots, mp.sink_table(sinks, h),
+    scales = (env["k_scale"], env["v_scale"]) if c["KV_FP8"] else (None, None)
+    return mp.prefill(queries, env["kv_pages"], block_tables, slots, mp.sink_table(sinks, h, *scales),
                       num_kv_heads=c["NUM_KV_HEADS"], page_size=c["PAGE_SIZE"], sm_scale=c["SM_SCALE"],
                       soft_cap=c["SOFT_CAP"], window=c["WINDOW"], dec_q=c["DEC_Q"])

@@ -95,11 +95,15 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
     if tile_knobs:
         return ("num_queries_per_block / num_kv_pages_per_block set the Triton prefill tile; the Mosaic "
                 "GPU prefill has one tile (64 tokens x 2 heads, 128 keys)")
-    if not (q_dtype == kv_dtype == compute_dtype and q_dtype in ("bfloat16", "float16")):
-        return ("the Mosaic GPU prefill needs queries, kv_pages and compute_dtype all bfloat16 or all "
-                f"float16, got {q_dtype}, {kv_dtype}, {compute_dtype}")
+    if not (q_dtype == compute_dtype and q_dtype in ("bfloat16", "float16")
+            and kv_dtype in (q_dtype, "float8_e4m3fn")):
+        return ("the Mosaic GPU prefill needs queries and compute_dtype both bfloat16 or both float16, "
+                f"and kv_pages the same or float8_e4m3fn, got {q_dtype}, {kv_dtype}, {compute_dtype}")
     if head_dim not in (64, 128, 256):
         return f"the Mosaic GPU prefill supports head_dim 64, 128 and 256, got {head_dim}"
+    if kv_dtype == "float8_e4m3fn" and head_dim > 128:
+        return ("the Mosaic GPU prefill takes an fp8 cache at head_dim 64 and 128: at 256 its two fp8 "
+                "staging tiles do not fit beside the ring in shared memory")
     if group == 1 and head_dim > 128:
         return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 and 128: two "
                 f"heads' K/V tiles of head_dim {head_dim} leave no second ring stage in shared memory")
@@ -152,14 +156,20 @@ def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pa
     return jnp.stack(cols, axis=1).astype(jnp.int32)
 
 
-def sink_table(sinks, num_q_heads: int):
+def sink_table(sinks, num_q_heads: int, k_scale=None, v_scale=None):
     """float32 [num_q_heads, 2]: the running softmax's start per head, (max, sum) in the log2
-    domain: (NEG, 0) without sinks; a -inf sink adds exp(-inf) = 0."""
+    domain: (NEG, 0) without sinks; a -inf sink adds exp(-inf) = 0. With an fp8 cache's scales
+    ([1] arrays): [num_q_heads, 4], the scales in columns 2 and 3 (the kernel reads them there)."""
     if sinks is None:
-        return jnp.tile(jnp.array([[NEG, 0.0]], jnp.float32), (num_q_heads, 1))
-    s2 = sinks.astype(jnp.float32) * LOG2E
-    m = jnp.maximum(s2, NEG)
-    return jnp.stack([m, jnp.exp2(s2 - m)], axis=1)
+        table = jnp.tile(jnp.array([[NEG, 0.0]], jnp.float32), (num_q_heads, 1))
+    else:
+        s2 = sinks.astype(jnp.float32) * LOG2E
+        m = jnp.maximum(s2, NEG)
+        table = jnp.stack([m, jnp.exp2(s2 - m)], axis=1)
+    if k_scale is None:
+        return table
+    scales = jnp.concatenate([jnp.reshape(k_scale, (1,)), jnp.reshape(v_scale, (1,))]).astype(jnp.float32)
+    return jnp.concatenate([table, jnp.tile(scales[None], (num_q_heads, 1))], axis=1)
 
 
 def _clamp(x, lo, hi):
@@ -197,6 +207,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     pages_per_seq = block_tables.shape[1]
     n_slots = slots.shape[0]
     dtype = queries.dtype
+    fp8 = kv_pages.dtype == jnp.float8_e4m3fn
+    assert not fp8 or sink_ml.shape[1] == 4, "an fp8 cache's scales travel in the sink table"
+    if fp8 and profile_dir and head_dim > 64:
+        raise ValueError("the profiler's buffer does not fit beside a head_dim 128 fp8 kernel's 224 KB of "
+                         "shared memory (its staging tiles)")
     group = num_q_heads // num_kv_heads
     block_kv, stages = config(head_dim, group)
     cu = min(page_size, block_kv)          # rows per TMA copy
@@ -206,9 +221,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     nkv = 2 if group == 1 else 1
     # Where Q (2 x 64 rows), the K/V ring and the output buffers (2 x 64 rows) do not fit a block
     # (head_dim 256: 256 KB), the output reuses Q's bytes (each warpgroup's own half: it writes O
-    # after its last S = Q K^T and zeroes rows before its Q arrives).
+    # after its last S = Q K^T and zeroes rows before its Q arrives). An fp8 cache (FP8 below) also
+    # stages two tiles of fp8 K and V (one byte per value) in shared memory.
     rows = 2 * BLOCK_Q + 2 * stages * nkv * block_kv + 2 * BLOCK_Q
-    o_in_q = rows * head_dim * dtype.itemsize > BLOCK_SMEM
+    staging = 2 * 2 * nkv * block_kv * head_dim if fp8 else 0
+    o_in_q = rows * head_dim * dtype.itemsize + staging > BLOCK_SMEM
     if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
         window = min(window, pages_per_seq * page_size + 1)
     if soft_cap is None:
@@ -217,11 +234,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         qk_scale = sm_scale / soft_cap
 
     def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
-        smem, (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
-        if o_in_q:
-            (q_smem, k_smem, v_smem), o_smem, ot_smem = smem
-        else:
-            q_smem, k_smem, v_smem, (o_smem, ot_smem) = smem
+        smem, bars, (k_used, v_used), sched = scoped
+        k_bar, v_bar, q_bar = bars[:3]
+        tiled, o_smem, ot_smem = smem if o_in_q else (smem[:-1], *smem[-1])
+        q_smem, k_smem, v_smem = tiled[:3]
         with jax.named_scope("entry"):   # the first event of a block's trace: its start
             hp = lax.axis_index("hp")
             b = n_slots - 1 - lax.axis_index("slot")
@@ -263,7 +279,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
         @pl.when(wg < 2)
         def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(224 if fp8 else 232, action="increase")
             head = 2 * hp + wg
             kv_buf = wg if nkv == 2 else 0   # this warpgroup's K/V within a ring stage
             q_buf = q_smem.at[wg]
@@ -286,6 +302,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tok0, BLOCK_Q), head], q_buf, q_bar.at[wg])
                     m0 = sink_ref[head, 0]
                     l0 = sink_ref[head, 1]
+                    kq = qk_scale * sink_ref[head, 2] if fp8 else qk_scale   # fp8: k_scale folds in here
                     m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), m0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                     l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), l0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                     acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
@@ -309,10 +326,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
                     plgpu.barrier_arrive(k_used.at[slot])
                     if soft_cap is not None:
-                        s = _tanh(s * qk_scale) * (soft_cap * LOG2E)
+                        s = _tanh(s * kq) * (soft_cap * LOG2E)
                         scale = 1.0
                     else:
-                        scale = qk_scale
+                        scale = kq
                     if masked:
                         r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
                         c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
@@ -404,7 +421,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 with jax.named_scope("store"):
                     # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
                     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-                    o = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                    if fp8:   # v_scale: O = v_scale x (P V) / l
+                        o = acc * lax.broadcast_in_dim(sink_ref[head, 3] / l_safe, acc.shape, [0])
+                    else:
+                        o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+                    o = o.astype(dtype)
 
                     def untiled():
                         o_buf[...] = o
@@ -429,40 +450,89 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             with jax.named_scope("store_wait"):
                 plgpu.wait_smem_to_gmem(0)
 
+        def issue(i, which: int, buf, bar, nbuf: int):
+            """Tile i's K (which 0) or V (1) by TMA into buf[i % nbuf] (per KV head), arriving on bar."""
+            bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
+            t = t_lo + i
+            slot = lax.rem(i, jnp.int32(nbuf))
+            for u in range(units):
+                ks = t * block_kv + u * cu
+                live = (ks < kv_len) & (ks + cu > lo)
+                page = bt_row[_clamp(ks // page_size, 0, pages_per_seq - 1)]
+                page = jnp.where(live, page, num_pages)       # out of bounds: arrives as zeros
+                part = kv_len - ks
+                # The unit holding the last key: shifted back so that it ends with the 8-row group
+                # of that key (copies move whole 8-row groups); the <= 7 slots past kv_len in that
+                # group are zeroed in shared memory by the consumers. The start is a multiple of 8,
+                # negative for the first unit of a page (those rows arrive as out-of-bounds zeros:
+                # Mosaic splits the index into 8-row groups with unsigned division, exact while it
+                # is a multiple of 8).
+                start = ks % page_size + jnp.where(part < cu, ((part + 7) & ~7) - cu, 0)
+                for k in range(nkv):   # the same rows of each of the block's KV heads
+                    plgpu.copy_gmem_to_smem(
+                        kv_ref.at[page, pl.ds(start, cu), 2 * (kvh + k) + which],
+                        buf.at[slot * nkv + k, pl.ds(u * cu, cu)], bar.at[slot])
+
+        def fp8_producer():
+            # An fp8 cache: TMA brings tile i's fp8 K and V into staging buffer i % 2, and the four
+            # producer warps widen them into the compute dtype's ring slot, which the consumers
+            # then read as with a 16-bit cache. More registers for the conversion (64 x head_dim
+            # values at a time); the consumers give 8 each (2 x 128 x 224 + 128 x 56 <= 64K).
+            plgpu.set_max_registers(56, action="decrease")
+            stg_k, stg_v = tiled[3:]
+            stg_kbar, stg_vbar = bars[3:]
+
+            def widen(src, dst):
+                for r in range(0, block_kv, BLOCK_Q):   # WGMMA-shaped pieces of 64 rows
+                    x = plgpu.load(src.at[pl.ds(r, BLOCK_Q)], layout=plgpu.Layout.WGMMA_8BIT)
+                    # e4m3 widens to float16 in hardware; bfloat16 goes through float32.
+                    x = x.astype(jnp.float16) if dtype == jnp.float16 else x.astype(jnp.float32).astype(dtype)
+                    dst.at[pl.ds(r, BLOCK_Q)][...] = x
+
+            @pl.when(work)
+            def _():
+                for j in range(2):
+                    @pl.when(j < n_tiles)
+                    def _():
+                        issue(j, 0, stg_k, stg_kbar, 2)
+                        issue(j, 1, stg_v, stg_vbar, 2)
+
+                @pl.loop(0, n_tiles)
+                def _(i):
+                    s = lax.rem(i, jnp.int32(2))
+                    slot = lax.rem(i, jnp.int32(stages))
+                    # K first: its slot frees (after S = Q K^T) before V's (after P V); each staging
+                    # buffer is refilled as soon as it is read (the fence in commit_smem orders the
+                    # reads before the TMA's writes).
+                    for which, (stg, sbar, ring, bar, used) in enumerate(
+                            ((stg_k, stg_kbar, k_smem, k_bar, k_used), (stg_v, stg_vbar, v_smem, v_bar, v_used))):
+                        plgpu.barrier_wait(sbar.at[s])
+
+                        @pl.when(i >= stages)
+                        def _():
+                            plgpu.barrier_wait(used.at[slot])
+                        for k in range(nkv):
+                            widen(stg.at[s * nkv + k], ring.at[slot * nkv + k])
+                        plgpu.commit_smem()   # the ring's generic-proxy writes, before wgmma reads them
+                        plgpu.barrier_arrive(bar.at[slot])
+
+                        @pl.when(i + 2 < n_tiles)
+                        def _():
+                            issue(i + 2, which, stg, sbar, 2)
+
         @pl.when(wg == 2)
         def _producer():
+            if fp8:
+                return fp8_producer()
             plgpu.set_max_registers(40, action="decrease")
 
             def produce():
-                bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
-
-                def issue(i, which: int, buf, bar):
-                    t = t_lo + i
-                    slot = lax.rem(i, jnp.int32(stages))
-                    for u in range(units):
-                        ks = t * block_kv + u * cu
-                        live = (ks < kv_len) & (ks + cu > lo)
-                        page = bt_row[_clamp(ks // page_size, 0, pages_per_seq - 1)]
-                        page = jnp.where(live, page, num_pages)       # out of bounds: arrives as zeros
-                        part = kv_len - ks
-                        # The unit holding the last key: shifted back so that it ends with the
-                        # 8-row group of that key (copies move whole 8-row groups); the <= 7 slots
-                        # past kv_len in that group are zeroed in shared memory by the consumers.
-                        # The start is a multiple of 8, negative for the first unit of a page (those
-                        # rows arrive as out-of-bounds zeros: Mosaic splits the index into 8-row
-                        # groups with unsigned division, exact while it is a multiple of 8).
-                        start = ks % page_size + jnp.where(part < cu, ((part + 7) & ~7) - cu, 0)
-                        for k in range(nkv):   # the same rows of each of the block's KV heads
-                            plgpu.copy_gmem_to_smem(
-                                kv_ref.at[page, pl.ds(start, cu), 2 * (kvh + k) + which],
-                                buf.at[slot * nkv + k, pl.ds(u * cu, cu)], bar.at[slot])
-
                 for j in range(stages):
                     @pl.when(j < n_tiles)
                     @jax.named_scope("fill")
                     def _():
-                        issue(j, 0, k_smem, k_bar)
-                        issue(j, 1, v_smem, v_bar)
+                        issue(j, 0, k_smem, k_bar, stages)
+                        issue(j, 1, v_smem, v_bar, stages)
 
                 with jax.named_scope("stream"):
                     @pl.loop(0, jnp.maximum(n_tiles - stages, 0))
@@ -470,9 +540,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         i = j + stages
                         slot = lax.rem(i, jnp.int32(stages))
                         plgpu.barrier_wait(k_used.at[slot])
-                        issue(i, 0, k_smem, k_bar)
+                        issue(i, 0, k_smem, k_bar, stages)
                         plgpu.barrier_wait(v_used.at[slot])
-                        issue(i, 1, v_smem, v_bar)
+                        issue(i, 1, v_smem, v_bar, stages)
 
             # One warp issues the copies. Each copy costs the issuing threads a few scalar ops, the
             # barrier's arrivals and a TMA instruction; with all four warps of this warpgroup (one
@@ -488,16 +558,23 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
         ]
+        if fp8:   # staging for two tiles of fp8 K and V (one byte per value: swizzle by row bytes)
+            sw = min(128, head_dim)
+            f8 = dict(transforms=(plgpu.TilingTransform((8, sw)), plgpu.SwizzleTransform(sw)))
+            tiled += [plgpu.SMEM((2 * nkv, block_kv, head_dim), kv_pages.dtype, **f8)] * 2
         out = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype)   # untiled: stored in 1..64-row pieces
         out_t = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle))   # whole blocks
         # Each block writes and reads its output through one of the two views (never across).
         scratch = plgpu.RefUnion(tiled, out, out_t) if o_in_q else [*tiled, plgpu.RefUnion(out, out_t)]
+        # K/V ring barriers: the TMA copies of a tile arrive on them, or (fp8) the producer once.
+        ring_arrivals = 1 if fp8 else units * nkv
+        bars = [plgpu.Barrier(num_arrivals=ring_arrivals, num_barriers=stages)] * 2 + [plgpu.Barrier(num_barriers=2)]
+        if fp8:   # the staging buffers' K and V copies
+            bars += [plgpu.Barrier(num_arrivals=units * nkv, num_barriers=2)] * 2
         pl.run_scoped(
             lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
             scratch,
-            (plgpu.Barrier(num_arrivals=units * nkv, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=units * nkv, num_barriers=stages),
-             plgpu.Barrier(num_barriers=2)),
+            tuple(bars),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",

@@ -167,10 +167,11 @@ def attention_plan(
         first = Launch(
             MOSAIC_PREFILL, (dims.num_q_heads // 2, dims.total_tokens // MOSAIC_BLOCK_Q + dims.max_num_seqs),
             ("queries", "kv_pages", "block_tables", "context_lens", "query_start_loc", "num_seqs",
-             "sinks" if sink_shape else UNUSED_IN), ("out",), sizes,
+             "sinks" if sink_shape else UNUSED_IN, "k_scale" if fp8 else UNUSED_IN, "v_scale" if fp8 else UNUSED_IN),
+            ("out",), sizes,
             tuple(dict(NUM_KV_HEADS=dims.num_kv_heads, PAGE_SIZE=dims.page_size, SM_SCALE=float(softmax_scale),
                        SOFT_CAP=logits_soft_cap, WINDOW=sliding_window, SINKS=bool(sink_shape), DEC_Q=dec_q,
-                       BLOCK_KV=block_kv).items()), 12, stages)
+                       BLOCK_KV=block_kv, KV_FP8=fp8).items()), 12, stages)
     elif prefill == "triton":
         first = Launch("rpa_kernel", ((dims.total_tokens // pq + dims.max_num_seqs) * dims.num_kv_heads,),
                        meta + (UNUSED_IN,), ("out", "unused_part", "unused_ml"), sizes,
