@@ -476,18 +476,21 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         def fp8_producer():
             # An fp8 cache: TMA brings tile i's fp8 K and V into staging buffer i % 2, and the four
             # producer warps widen them into the compute dtype's ring slot, which the consumers
-            # then read as with a 16-bit cache. More registers for the conversion (64 x head_dim
-            # values at a time); the consumers give 8 each (2 x 128 x 224 + 128 x 56 <= 64K).
+            # then read as with a 16-bit cache. More registers for the conversion (64 x 64 values
+            # at a time); the consumers give 8 each (2 x 128 x 224 + 128 x 56 <= 64K).
             plgpu.set_max_registers(56, action="decrease")
             stg_k, stg_v = tiled[3:]
             stg_kbar, stg_vbar = bars[3:]
 
             def widen(src, dst):
-                for r in range(0, block_kv, BLOCK_Q):   # WGMMA-shaped pieces of 64 rows
-                    x = plgpu.load(src.at[pl.ds(r, BLOCK_Q)], layout=plgpu.Layout.WGMMA_8BIT)
-                    # e4m3 widens to float16 in hardware; bfloat16 goes through float32.
-                    x = x.astype(jnp.float16) if dtype == jnp.float16 else x.astype(jnp.float32).astype(dtype)
-                    dst.at[pl.ds(r, BLOCK_Q)][...] = x
+                # WGMMA-shaped pieces of 64 rows x 64 columns (one swizzle tile of either buffer):
+                # 32 values per thread, which fit the producer's registers through float32.
+                for r in range(0, block_kv, BLOCK_Q):
+                    for c in range(0, head_dim, 64):
+                        x = plgpu.load(src.at[pl.ds(r, BLOCK_Q), pl.ds(c, 64)], layout=plgpu.Layout.WGMMA_8BIT)
+                        # e4m3 widens to float16 in hardware; bfloat16 goes through float32.
+                        x = x.astype(jnp.float16) if dtype == jnp.float16 else x.astype(jnp.float32).astype(dtype)
+                        dst.at[pl.ds(r, BLOCK_Q), pl.ds(c, 64)][...] = x
 
             @pl.when(work)
             def _():
@@ -559,8 +562,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
         ]
         if fp8:   # staging for two tiles of fp8 K and V (one byte per value: swizzle by row bytes)
-            sw = min(128, head_dim)
-            f8 = dict(transforms=(plgpu.TilingTransform((8, sw)), plgpu.SwizzleTransform(sw)))
+            f8 = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64)))
             tiled += [plgpu.SMEM((2 * nkv, block_kv, head_dim), kv_pages.dtype, **f8)] * 2
         out = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype)   # untiled: stored in 1..64-row pieces
         out_t = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle))   # whole blocks
