@@ -208,6 +208,16 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     n_slots = slots.shape[0]
     dtype = queries.dtype
     fp8 = kv_pages.dtype == jnp.float8_e4m3fn
+    # The MMAs' operand dtype. An fp8 cache multiplies in float16 whatever the queries' dtype: e4m3
+    # widens to float16 in one conversion per two values, to bfloat16 in four (through float32:
+    # Hopper has no direct one), and conversions run at 16 per SM per clock: four per two values
+    # of a 128-key tile of K and V is ~4k cycles a tile, past the consumers' ~3.5k (bfloat16 fp8
+    # ran 1.5-1.8x the bfloat16-cache time, benchmarks/NOTES.md v10). bfloat16 queries are
+    # rounded to float16 once per block, in place in shared memory (finer than bfloat16, but a
+    # query component past float16's 65504 overflows); P rounds to float16 (finer than
+    # bfloat16). All e4m3 values are exact in float16.
+    cdt = jnp.dtype(jnp.float16) if fp8 else dtype
+    conv_q = cdt != dtype
     assert not fp8 or sink_ml.shape[1] == 4, "an fp8 cache's scales travel in the sink table"
     if fp8 and profile_dir and head_dim > 64:
         raise ValueError("the profiler's buffer does not fit beside a head_dim 128 fp8 kernel's 224 KB of "
@@ -236,7 +246,12 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     def body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, scoped):
         smem, bars, (k_used, v_used), sched = scoped
         k_bar, v_bar, q_bar = bars[:3]
-        tiled, o_smem, ot_smem = smem if o_in_q else (smem[:-1], *smem[-1])
+        if o_in_q:
+            tiled, *views = smem
+            q16_smem, (o_smem, ot_smem) = (views[0], views[1:]) if conv_q else (None, views)
+        else:
+            tiled, q16_smem = smem[0] if conv_q else (smem[:-1], None)
+            o_smem, ot_smem = smem[-1]
         q_smem, k_smem, v_smem = tiled[:3]
         with jax.named_scope("entry"):   # the first event of a block's trace: its start
             hp = lax.axis_index("hp")
@@ -283,6 +298,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             head = 2 * hp + wg
             kv_buf = wg if nkv == 2 else 0   # this warpgroup's K/V within a ring stage
             q_buf = q_smem.at[wg]
+            q16_buf = q16_smem.at[wg] if conv_q else None   # Q's bytes as float16 (conv_q)
+            q_mma = q16_buf if conv_q else q_buf
             o_buf = o_smem.at[wg]     # untiled: any rows, stored in power-of-two pieces
             ot_buf = ot_smem.at[wg]   # the same bytes tiled and swizzled: a whole 64-row block
             za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
@@ -307,6 +324,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), l0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                     acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
                     plgpu.barrier_wait(q_bar.at[wg])
+                    if conv_q:   # Q rounded to float16 over its own bytes (a view of the same buffer)
+                        q16_buf[...] = plgpu.load(q_buf, layout=plgpu.Layout.WGMMA).astype(jnp.float32).astype(cdt)
+                        plgpu.commit_smem()
 
                     @pl.when(n_tiles > 0)
                     def _():
@@ -320,7 +340,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     slot = lax.rem(i, jnp.int32(stages))
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_buf, k_smem.at[slot * nkv + kv_buf].transpose((1, 0)))
+                        plgpu.wgmma(acc_ref, q_mma, k_smem.at[slot * nkv + kv_buf].transpose((1, 0)))
                         schedule_barrier()
                         return acc_ref[...]
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
@@ -358,7 +378,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     alpha = jnp.exp2(m_i - m_new)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha
-                    p16 = p.astype(dtype)
+                    p16 = p.astype(cdt)
 
                     def end_softmax():
                         plgpu.barrier_arrive(sched)
@@ -488,8 +508,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 for r in range(0, block_kv, BLOCK_Q):
                     for c in range(0, head_dim, 64):
                         x = plgpu.load(src.at[pl.ds(r, BLOCK_Q), pl.ds(c, 64)], layout=plgpu.Layout.WGMMA_8BIT)
-                        # e4m3 widens to float16 in hardware; bfloat16 goes through float32.
-                        x = x.astype(jnp.float16) if dtype == jnp.float16 else x.astype(jnp.float32).astype(dtype)
+                        x = x.astype(jnp.float16)   # one conversion per two values
                         dst.at[pl.ds(r, BLOCK_Q), pl.ds(c, 64)][...] = x
 
             @pl.when(work)
@@ -558,8 +577,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         swizzle = plgpu.SwizzleTransform(128)
         tiled = [
             plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages * nkv, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages * nkv, block_kv, head_dim), cdt, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages * nkv, block_kv, head_dim), cdt, transforms=(tiling, swizzle)),
         ]
         if fp8:   # staging for two tiles of fp8 K and V (one byte per value: swizzle by row bytes)
             f8 = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64)))
@@ -567,7 +586,12 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         out = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype)   # untiled: stored in 1..64-row pieces
         out_t = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle))   # whole blocks
         # Each block writes and reads its output through one of the two views (never across).
-        scratch = plgpu.RefUnion(tiled, out, out_t) if o_in_q else [*tiled, plgpu.RefUnion(out, out_t)]
+        # conv_q: Q's bytes are read as float16 too, once each warpgroup has converted its half.
+        q16 = [plgpu.SMEM((2, BLOCK_Q, head_dim), cdt, transforms=(tiling, swizzle))] if conv_q else []
+        if o_in_q:
+            scratch = plgpu.RefUnion(tiled, *q16, out, out_t)
+        else:
+            scratch = [*([plgpu.RefUnion(tiled, *q16)] if conv_q else tiled), plgpu.RefUnion(out, out_t)]
         # K/V ring barriers: the TMA copies of a tile arrive on them, or (fp8) the producer once.
         ring_arrivals = 1 if fp8 else units * nkv
         bars = [plgpu.Barrier(num_arrivals=ring_arrivals, num_barriers=stages)] * 2 + [plgpu.Barrier(num_barriers=2)]
