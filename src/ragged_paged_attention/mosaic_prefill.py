@@ -3,23 +3,28 @@
 One CUDA block per (query-block slot, pair of query heads of one KV head, or of two KV heads
 under MHA), three warpgroups:
 
-- a producer warpgroup (40 registers), of which one warp issues the copies, streams the
-  sequence's K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA,
-  one copy per page (or per BLOCK_KV rows of a page larger than a tile): the page id is read from
-  the block table at run time. Pages wholly outside the block's visible key range are never read:
-  their copies take the out-of-bounds page id num_pages and arrive as zeros. The one page that holds a sequence's last key is copied from a
-  start shifted back so that it ends with the 8-row group of that key: the slots past kv_len
-  (which may hold anything, NaN included) are not read beyond that group; the shifted-in rows are
-  out-of-bounds zeros (a negative slot start: the unit is the first of its page) or earlier keys of
-  the same page (a later unit of a page larger than the tile); the mask knows each row's true
-  position, and the consumers zero the <= 7 V rows past kv_len in that group in shared memory
-  before P V (0 x NaN would reach the output). Keys before the window are skipped by whole copy
-  units only: a unit that holds the window's first key is read whole, so the earlier keys of that
-  live page (finite data a server wrote, never freed) sit in shared memory with weight 0.
-- two consumer warpgroups (232 registers each) take the same 64 query tokens of two query heads of
-  that KV head (both read every K/V tile once), compute S = Q K^T and O += P V on the matrix units
-  (wgmma) with an online softmax in the log2 domain, and take turns on the matrix units through a
-  schedule barrier (one's softmax overlaps the other's matrix products).
+- a producer warpgroup (40 registers), of which one warp issues the copies, streams the sequence's
+  K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA, one copy per
+  page (or per BLOCK_KV rows of a page larger than a tile): the page id is read from the block
+  table at run time. Pages wholly outside the block's visible key range are never read: their
+  copies take the out-of-bounds page id num_pages and arrive as zeros. The one page that holds a
+  sequence's last key is copied from a start shifted back so that it ends with the 8-row group of
+  that key: the slots past kv_len (which may hold anything, NaN included) are not read beyond that
+  group; the shifted-in rows are out-of-bounds zeros (a negative slot start: the unit is the first
+  of its page) or earlier keys of the same page (a later unit of a page larger than the tile); the
+  mask knows each row's true position, and the consumers zero the <= 7 V rows past kv_len in that
+  group in shared memory before P V (0 x NaN would reach the output). Keys before the window are
+  skipped by whole copy units only: a unit that holds the window's first key is read whole, so the
+  earlier keys of that live page (finite data a server wrote, never freed) sit in shared memory
+  with weight 0. With an fp8 (e4m3) cache the whole producer warpgroup (56 registers) works: TMA
+  brings each tile's fp8 K and V into one of two staging buffers, and its four warps widen them to
+  float16 into the ring (k_scale folds into the logits' scale, v_scale into the output's).
+- two consumer warpgroups (232 registers each; 224 with an fp8 cache) take the same 64 query tokens
+  of two query heads of that KV head (both read every K/V tile once), compute S = Q K^T and O += P
+  V on the matrix units (wgmma) with an online softmax in the log2 domain, and take turns on the
+  matrix units through a schedule barrier (one's softmax overlaps the other's matrix products).
+  With an fp8 cache they multiply in float16: bfloat16 queries are rounded to float16 in place once
+  per block (docs/decisions.md).
 
 Batch sizes are run-time values: the slot table (``slot_table``, one small XLA fusion per call)
 maps each slot to its sequence, first token, valid rows and key length, and the rows of no sequence
@@ -32,14 +37,16 @@ left to the Triton decode launch, which writes their rows into this kernel's out
 
 Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
 groups; a sequence's first block computes up to 7 rows of the previous sequence and drops them).
-A block's output leaves shared memory by TMA in power-of-two row pieces (64, 32, ..., 1), so a
-block never writes another sequence's rows.
+A block's output leaves shared memory by TMA: 64 rows all of its sequence through a tiled,
+swizzled view in one copy, other blocks in power-of-two row pieces (64, 32, ..., 1) of an
+untiled view, so a block never writes another sequence's rows.
 
 Opt-in (``implementation="mosaic"``, docs/decisions.md): every bucket shape compiles its own kernel
 and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupported`` says why a
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
-lower it), queries, cache and compute dtype all bfloat16 or all float16, head_dim 64, 128 or 256
-(64-key tiles; the output buffer reuses Q's shared memory), an even number of query heads per KV
+lower it), queries and compute dtype both bfloat16 or both float16 and the cache the same or
+float8_e4m3fn, head_dim 64, 128 or 256 (64-key tiles; the output buffer reuses Q's shared
+memory; no fp8 cache), an even number of query heads per KV
 head or one (MHA at head_dim 64 or 128: a block's two query heads then read two KV heads, whose
 K/V tiles share each ring stage and its barrier), and a page size that is a multiple of 8 and
 divides or is a multiple of the key tile (128 keys; 64 at head_dim 256 and for MHA at 128).
@@ -210,12 +217,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     fp8 = kv_pages.dtype == jnp.float8_e4m3fn
     # The MMAs' operand dtype. An fp8 cache multiplies in float16 whatever the queries' dtype: e4m3
     # widens to float16 in one conversion per two values, to bfloat16 in four (through float32:
-    # Hopper has no direct one), and conversions run at 16 per SM per clock: four per two values
-    # of a 128-key tile of K and V is ~4k cycles a tile, past the consumers' ~3.5k (bfloat16 fp8
-    # ran 1.5-1.8x the bfloat16-cache time, benchmarks/NOTES.md v10). bfloat16 queries are
-    # rounded to float16 once per block, in place in shared memory (finer than bfloat16, but a
-    # query component past float16's 65504 overflows); P rounds to float16 (finer than
-    # bfloat16). All e4m3 values are exact in float16.
+    # Hopper has no direct one). It made the fp8 rows 5-11 % faster (benchmarks/NOTES.md v10), less
+    # than a quarter of the conversions suggested: they were not the widening's main cost.
+    # bfloat16 queries are rounded to float16 once per block, in place in shared memory (finer than
+    # bfloat16, but a query component past float16's 65504 overflows); P rounds to float16 (finer
+    # than bfloat16). All e4m3 values are exact in float16 (docs/decisions.md).
     cdt = jnp.dtype(jnp.float16) if fp8 else dtype
     conv_q = cdt != dtype
     assert not fp8 or sink_ml.shape[1] == 4, "an fp8 cache's scales travel in the sink table"
