@@ -232,8 +232,9 @@ BASE_CASES = [
     # blocks), a window and sinks
     _c("mha_prefill", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=4, sliding_window=150,
        sinks="q_heads", interpret=False),
+    # 208 rows (a multiple of 8): the Mosaic prefill's whole 64-row blocks leave through its swizzled view
     _c("mha_prefill_d128", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=4, head_dim=128,
-       soft_cap=30.0, interpret=False),
+       soft_cap=30.0, extra_tokens=8, interpret=False),
     _c("gqa8_decode", [(1, 40), (1, 100), (1, 3)], num_q_heads=8, num_kv_heads=1, extra_tokens=0),
     # head dims (80: not a power of two)
     _c("head_dim_80", [(1, 40), (6, 25)], head_dim=80),
@@ -260,9 +261,16 @@ FP8_CASES = [
     _c("fp8_kv", [(1, 60), (9, 40), (0, 4)], kv_dtype="float8_e4m3fn", interpret=False),
     _c("fp8_kv_softcap_sinks", [(1, 60), (9, 40)], kv_dtype="float8_e4m3fn", soft_cap=8.0,
        sinks="q_heads", interpret=False),
-    # prefill blocks over several key tiles (the Mosaic prefill's staged fp8 ring wraps), a window
-    _c("fp8_kv_prefill", [(129, 300), (70, 70), (1, 50)], kv_dtype="float8_e4m3fn", sliding_window=150,
-       soft_cap=30.0, interpret=False),
+    # prefill blocks over up to 6 key tiles of 128 (the Mosaic prefill's 4-stage fp8 ring at head_dim
+    # 64 and its 2 staging buffers wrap), a window, 208 rows (whole blocks: the swizzled store)
+    _c("fp8_kv_prefill", [(129, 700), (70, 70), (1, 50)], kv_dtype="float8_e4m3fn", sliding_window=600,
+       soft_cap=30.0, extra_tokens=8, interpret=False),
+    # head_dim 128 (the Mosaic prefill's output in Q's shared memory beside the staging tiles), and
+    # MHA (two KV heads' fp8 tiles per block)
+    _c("fp8_kv_prefill_d128", [(129, 300), (70, 70), (1, 50)], kv_dtype="float8_e4m3fn", head_dim=128,
+       sinks="q_heads", extra_tokens=8, interpret=False),
+    _c("fp8_kv_mha_prefill", [(129, 300), (70, 70)], kv_dtype="float8_e4m3fn", num_q_heads=4,
+       num_kv_heads=4, sliding_window=150, interpret=False),
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -173,20 +173,21 @@ needs_tested_jax = pytest.mark.skipif(
 
 
 @needs_tested_jax
-@pytest.mark.parametrize("t, d, page, window, cap, sinks, kvh, kv", [
-    (190, 128, 16, None, None, False, 4, "bfloat16"),     # tokens not a multiple of 8: Q is padded
-    (2048, 128, 16, 500, 30.0, True, 4, "bfloat16"),      # every feature
-    (256, 64, 64, None, None, True, 4, "bfloat16"),       # head_dim 64, 64-row pages
-    (64, 128, 256, 33, None, False, 4, "bfloat16"),       # pages larger than the key tile
-    (2048, 64, 16, 500, 30.0, True, 16, "bfloat16"),      # MHA (head_dim 64): two KV heads per block, every feature
-    (512, 256, 16, 300, 50.0, True, 8, "bfloat16"),       # head_dim 256: 64-key tiles, O in Q's shared memory
-    (512, 128, 16, 300, 30.0, True, 16, "bfloat16"),      # MHA at head_dim 128: two heads' 64-key tiles
-    (512, 128, 16, 300, 30.0, True, 4, "float8_e4m3fn"),  # fp8 cache: staged, widened by the producer
-    (256, 64, 16, None, None, False, 4, "float8_e4m3fn"),  # fp8 at head_dim 64 (64-byte rows)
-    (256, 64, 16, 100, None, True, 16, "float8_e4m3fn"),  # fp8 MHA
-    (256, 128, 16, 100, None, False, 16, "float8_e4m3fn"),  # fp8 MHA at head_dim 128 (224 KB)
+@pytest.mark.parametrize("t, d, page, window, cap, sinks, kvh, kv, q", [
+    (190, 128, 16, None, None, False, 4, "bfloat16", "bfloat16"),        # tokens not a multiple of 8: Q is padded
+    (2048, 128, 16, 500, 30.0, True, 4, "bfloat16", "bfloat16"),         # every feature
+    (256, 64, 64, None, None, True, 4, "bfloat16", "bfloat16"),          # head_dim 64, 64-row pages
+    (64, 128, 256, 33, None, False, 4, "bfloat16", "bfloat16"),          # pages larger than the key tile
+    (2048, 64, 16, 500, 30.0, True, 16, "bfloat16", "bfloat16"),         # MHA (head_dim 64): two KV heads a block, all
+    (512, 256, 16, 300, 50.0, True, 8, "bfloat16", "bfloat16"),          # head_dim 256: 64-key tiles, O in Q's bytes
+    (512, 128, 16, 300, 30.0, True, 16, "bfloat16", "bfloat16"),         # MHA at head_dim 128: two heads' 64-key tiles
+    (512, 128, 16, 300, 30.0, True, 4, "float8_e4m3fn", "bfloat16"),     # fp8 cache: staged, widened by the producer
+    (256, 64, 16, None, None, False, 4, "float8_e4m3fn", "bfloat16"),    # fp8 at head_dim 64 (64-byte rows)
+    (256, 64, 16, 100, None, True, 16, "float8_e4m3fn", "bfloat16"),     # fp8 MHA
+    (256, 128, 16, 100, None, False, 16, "float8_e4m3fn", "bfloat16"),   # fp8 MHA at head_dim 128 (224 KB)
+    (256, 128, 16, None, 30.0, False, 4, "float8_e4m3fn", "float16"),    # fp8, float16 queries (no Q conversion)
 ])
-def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh, kv):
+def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh, kv, q):
     h, s, width, pages = 16, 8, 32, 64
     sds = jax.ShapeDtypeStruct
 
@@ -196,10 +197,27 @@ def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh, kv):
         return mp.prefill(q, kv, bt, slots, mp.sink_table(aux if sinks else None, h, *scales), num_kv_heads=kvh,
                           page_size=page, sm_scale=0.125, soft_cap=cap, window=window, dec_q=DEC_Q)
     fp8 = kv == "float8_e4m3fn"
-    args = (sds((t, h, d), jnp.bfloat16), sds((pages, page, 2 * kvh, d), kv), sds((s, width), jnp.int32),
+    args = (sds((t, h, d), q), sds((pages, page, 2 * kvh, d), kv), sds((s, width), jnp.int32),
             sds((s + 1,), jnp.int32), sds((s,), jnp.int32), sds((1,), jnp.int32), sds((h,), jnp.float32))
     text = jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@needs_tested_jax
+@pytest.mark.parametrize("d, kvh", [(128, 4), (64, 16)])   # fp8 at head_dim 128, fp8 MHA at 64: 224 KB
+def test_profiler_refused_where_its_buffer_does_not_fit(d, kvh, tmp_path):
+    t, h, s, width, pages, page = 256, 16, 8, 32, 64, 16
+    sds = jax.ShapeDtypeStruct
+
+    def f(q, kv, bt, qsl, ctx, n):
+        slots = mp.slot_table(qsl, ctx, n, total_tokens=t, pages_per_seq=width, page_size=page, dec_q=DEC_Q)
+        sinks = mp.sink_table(None, h, jnp.full((1,), 0.5), jnp.full((1,), 2.0))
+        return mp.prefill(q, kv, bt, slots, sinks, num_kv_heads=kvh, page_size=page, sm_scale=0.125,
+                          soft_cap=None, window=None, dec_q=DEC_Q, profile_dir=str(tmp_path))
+    args = (sds((t, h, d), jnp.bfloat16), sds((pages, page, 2 * kvh, d), jnp.float8_e4m3fn),
+            sds((s, width), jnp.int32), sds((s + 1,), jnp.int32), sds((s,), jnp.int32), sds((1,), jnp.int32))
+    with pytest.raises(ValueError, match="224 KB"):
+        jax.export.export(jax.jit(f), platforms=["cuda"])(*args)
 
 
 @pytest.mark.gpu

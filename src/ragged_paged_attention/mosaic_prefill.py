@@ -38,18 +38,20 @@ left to the Triton decode launch, which writes their rows into this kernel's out
 Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
 groups; a sequence's first block computes up to 7 rows of the previous sequence and drops them).
 A block's output leaves shared memory by TMA: 64 rows all of its sequence through a tiled,
-swizzled view in one copy, other blocks in power-of-two row pieces (64, 32, ..., 1) of an
-untiled view, so a block never writes another sequence's rows.
+swizzled view in one copy (when the output has a multiple of 8 rows), other blocks in
+power-of-two row pieces (64, 32, ..., 1) of an untiled view, so a block never writes another
+sequence's rows.
 
 Opt-in (``implementation="mosaic"``, docs/decisions.md): every bucket shape compiles its own kernel
 and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupported`` says why a
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
 lower it), queries and compute dtype both bfloat16 or both float16 and the cache the same or
-float8_e4m3fn, head_dim 64, 128 or 256 (64-key tiles; the output buffer reuses Q's shared
-memory; no fp8 cache), an even number of query heads per KV
-head or one (MHA at head_dim 64 or 128: a block's two query heads then read two KV heads, whose
-K/V tiles share each ring stage and its barrier), and a page size that is a multiple of 8 and
-divides or is a multiple of the key tile (128 keys; 64 at head_dim 256 and for MHA at 128).
+float8_e4m3fn, head_dim 64, 128 or 256 (64-key tiles; no fp8 cache), an even number of query heads
+per KV head or one (MHA at head_dim 64 or 128: a block's two query heads then read two KV heads,
+whose K/V tiles share each ring stage and its barrier), and a page size that is a multiple of 8
+and divides or is a multiple of the key tile (128 keys; 64 at head_dim 256 and for MHA at 128).
+Where Q, the ring (and an fp8 cache's staging tiles) and the output buffers would not fit a
+block's shared memory (head_dim 256; an fp8 cache at head_dim 128), the output buffers reuse Q's.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
         return f"CUDA runtime {cuda} (12.8.0 <= v < 12.9.1) miscompiles masked wgmma kernels (ptxas)"
     if tile_knobs:
         return ("num_queries_per_block / num_kv_pages_per_block set the Triton prefill tile; the Mosaic "
-                "GPU prefill has one tile (64 tokens x 2 heads, 128 keys)")
+                "GPU prefill has one tile (64 tokens x 2 heads, 128 or 64 keys)")
     if not (q_dtype == compute_dtype and q_dtype in ("bfloat16", "float16")
             and kv_dtype in (q_dtype, "float8_e4m3fn")):
         return ("the Mosaic GPU prefill needs queries and compute_dtype both bfloat16 or both float16, "
@@ -225,9 +227,6 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     cdt = jnp.dtype(jnp.float16) if fp8 else dtype
     conv_q = cdt != dtype
     assert not fp8 or sink_ml.shape[1] == 4, "an fp8 cache's scales travel in the sink table"
-    if fp8 and profile_dir and head_dim > 64:
-        raise ValueError("the profiler's buffer does not fit beside a head_dim 128 fp8 kernel's 224 KB of "
-                         "shared memory (its staging tiles)")
     group = num_q_heads // num_kv_heads
     block_kv, stages = config(head_dim, group)
     cu = min(page_size, block_kv)          # rows per TMA copy
@@ -242,6 +241,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     rows = 2 * BLOCK_Q + 2 * stages * nkv * block_kv + 2 * BLOCK_Q
     staging = 2 * 2 * nkv * block_kv * head_dim if fp8 else 0
     o_in_q = rows * head_dim * dtype.itemsize + staging > BLOCK_SMEM
+    smem_bytes = (rows - (2 * BLOCK_Q if o_in_q else 0)) * head_dim * dtype.itemsize + staging
+    if profile_dir and smem_bytes > 192 * 1024:   # the largest that ran with it (NOTES v7-v10)
+        raise ValueError(f"the profiler's buffer does not fit beside this kernel's {smem_bytes // 1024} KB "
+                         "of shared memory (an fp8 cache's staging tiles)")
     if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
         window = min(window, pages_per_seq * page_size + 1)
     if soft_cap is None:
@@ -501,7 +504,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
         def fp8_producer():
             # An fp8 cache: TMA brings tile i's fp8 K and V into staging buffer i % 2, and the four
-            # producer warps widen them into the compute dtype's ring slot, which the consumers
+            # producer warps widen them into the (float16) ring slot, which the consumers
             # then read as with a 16-bit cache. More registers for the conversion (64 x 64 values
             # at a time); the consumers give 8 each (2 x 128 x 224 + 128 x 56 <= 64K).
             plgpu.set_max_registers(56, action="decrease")
