@@ -204,8 +204,10 @@ def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh, kv, q):
 
 
 @needs_tested_jax
-@pytest.mark.parametrize("d, kvh", [(128, 4), (64, 16)])   # fp8 at head_dim 128, fp8 MHA at 64: 224 KB
-def test_profiler_refused_where_its_buffer_does_not_fit(d, kvh, tmp_path):
+@pytest.mark.parametrize("d, kvh, fits", [(64, 4, True), (128, 4, False), (64, 16, False)])
+def test_profiler_lowers_where_its_buffer_fits(d, kvh, fits, tmp_path):
+    """tools/mosaic_trace.py --fp8: the fp8 producer's per-tile events fit beside fp8 GQA at head_dim
+    64 (192 KB); at head_dim 128 and under MHA at 64 (224 KB) Mosaic GPU refuses the buffer."""
     t, h, s, width, pages, page = 256, 16, 8, 32, 64, 16
     sds = jax.ShapeDtypeStruct
 
@@ -216,8 +218,11 @@ def test_profiler_refused_where_its_buffer_does_not_fit(d, kvh, tmp_path):
                           soft_cap=None, window=None, dec_q=DEC_Q, profile_dir=str(tmp_path))
     args = (sds((t, h, d), jnp.bfloat16), sds((pages, page, 2 * kvh, d), jnp.float8_e4m3fn),
             sds((s, width), jnp.int32), sds((s + 1,), jnp.int32), sds((s,), jnp.int32), sds((1,), jnp.int32))
-    with pytest.raises(ValueError, match="224 KB"):
+    # The profiler dumps its buffer through a host callback, which cannot lower for CUDA on a CPU
+    # machine: that error comes after the kernel, and its shared-memory check, lowered.
+    with pytest.raises(ValueError) as err:
         jax.export.export(jax.jit(f), platforms=["cuda"])(*args)
+    assert ("exceeds available shared memory" in str(err.value)) != fits, str(err.value)[:300]
 
 
 @pytest.mark.gpu

@@ -1,11 +1,13 @@
 """Where the Mosaic GPU prefill's time goes, block by block: its on-device timeline, summarised.
 
-    python tools/mosaic_trace.py [-k prefill_b8_2k,...] [--json OUT.json]      (Hopper GPU, jax 0.11.2)
+    python tools/mosaic_trace.py [-k prefill_b8_2k,...] [--head-dim N] [--fp8] [--json OUT.json]
+                                                                      (Hopper GPU, jax 0.11.2)
 
 Runs the kernel once with Mosaic GPU's on-device profiler (mosaic_prefill.prefill(profile_dir=...):
 each warpgroup stamps the SM clock at the kernel's named scopes: entry, setup (Q copy and the first
 K tile's wait), stagger, the edge_lo / full / diagonal tile loops, unstagger, store, store_wait,
-zero_rows; the producer's fill and stream) and prints per workload:
+zero_rows; the producer's fill and stream, or with an fp8 cache its per-tile wait (the staging
+copy and the ring slot) and widen (conversion, fence, refill), for K and V) and prints per workload:
 - the kernel time without the profiler (8 calls in one jit, median of 10 runs, per call);
 - per phase and warpgroup: the mean cycles per block and its share of the SMs' time;
 - the loop's cost per K/V tile (a least-squares fit of the loop's cycles on the tiles a block
@@ -22,6 +24,7 @@ block that a fit of v5's timings found (benchmarks/NOTES.md v5) is made of.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -35,7 +38,7 @@ from ragged_paged_attention.plan import decode_tokens  # noqa: E402
 
 CONSUMER = ("entry", "zero_rows", "setup", "stagger", "edge_lo", "full", "diagonal", "unstagger", "store",
             "store_wait")
-PRODUCER = ("entry", "fill", "stream")
+PRODUCER = ("entry", "fill", "stream", "wait", "widen")   # wait, widen: the fp8 producer, per tile
 
 
 def capture():
@@ -83,7 +86,7 @@ def tiles_per_block(w: wl.Workload, tab: np.ndarray, n_hp: int, grid: tuple[int,
     table's row slots - 1 - s, y the head pair); per table row when grid is empty."""
     from ragged_paged_attention.plan import mosaic_config
 
-    block_kv, _ = mosaic_config(w.head_dim)
+    block_kv, _ = mosaic_config(w.head_dim, w.num_q_heads // w.num_kv_heads)
     seq, tok0, v0, rows, pos_off = tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], tab[:, 5]
     first = tok0 + v0 + pos_off
     hi = np.maximum(first + rows, 0)
@@ -119,7 +122,7 @@ def one(w: wl.Workload) -> dict:
 
     d = wl.build(w, seed=0)
     q = jnp.asarray(d["queries"], jnp.bfloat16)
-    kv = jnp.asarray(d["kv_pages"], jnp.bfloat16)
+    kv = jnp.asarray(d["kv_pages"], w.kv_dtype)
     bt = jnp.asarray(d["block_tables"], jnp.int32)
     slots = mp.slot_table(jnp.asarray(d["query_start_loc"], jnp.int32), jnp.asarray(d["context_lens"], jnp.int32),
                           jnp.asarray([d["num_seqs"]], jnp.int32), total_tokens=w.padded_tokens,
@@ -128,7 +131,8 @@ def one(w: wl.Workload) -> dict:
     sinks = None
     if w.sinks:
         sinks = sink_logits(jnp.asarray(d["softmax_aux"], jnp.float32), w.num_q_heads, w.num_kv_heads)
-    sink_ml = mp.sink_table(sinks, w.num_q_heads)
+    fp8 = w.kv_dtype == "float8_e4m3fn"   # scales 1, as in the benchmark's row@fp8
+    sink_ml = mp.sink_table(sinks, w.num_q_heads, *((jnp.ones((1,)),) * 2 if fp8 else ()))
     kw = dict(num_kv_heads=w.num_kv_heads, page_size=w.page_size, sm_scale=w.head_dim ** -0.5,
               soft_cap=w.soft_cap, window=w.sliding_window,
               dec_q=decode_tokens(w.num_q_heads // w.num_kv_heads))
@@ -205,11 +209,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-k", default="prefill_b8_2k,prefill_b1_16k,chunked_b4_1k_of_8k,mixed_4p_60d")
     p.add_argument("--json", type=Path)
+    p.add_argument("--head-dim", type=int, help="the workloads at this head_dim (named row@d<N>)")
+    p.add_argument("--fp8", action="store_true", help="the workloads with a float8_e4m3fn cache (row@fp8); "
+                   "the profiler fits beside fp8 GQA at head_dim 64 only (--head-dim 64)")
     args = p.parse_args(argv)
     names = args.k.split(",")
     rows = []
     for w in wl.suite():
         if w.name in names:
+            if args.head_dim:
+                w = dataclasses.replace(w, name=f"{w.name}@d{args.head_dim}", head_dim=args.head_dim)
+            if args.fp8:
+                w = dataclasses.replace(w, name=f"{w.name}@fp8", kv_dtype="float8_e4m3fn")
             r = one(w)
             rows.append(r)
             print(json.dumps(r, indent=1), flush=True)

@@ -241,10 +241,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     rows = 2 * BLOCK_Q + 2 * stages * nkv * block_kv + 2 * BLOCK_Q
     staging = 2 * 2 * nkv * block_kv * head_dim if fp8 else 0
     o_in_q = rows * head_dim * dtype.itemsize + staging > BLOCK_SMEM
-    smem_bytes = (rows - (2 * BLOCK_Q if o_in_q else 0)) * head_dim * dtype.itemsize + staging
-    if profile_dir and smem_bytes > 192 * 1024:   # the largest that ran with it (NOTES v7-v10)
-        raise ValueError(f"the profiler's buffer does not fit beside this kernel's {smem_bytes // 1024} KB "
-                         "of shared memory (an fp8 cache's staging tiles)")
+    # The profiler's buffer (profile_dir): events per warpgroup and block, 2 entries each, 2 a scope.
+    # The fp8 producer stamps two scopes per tile for K and for V: 16 entries a tile. Where the
+    # buffer does not fit beside the kernel's shared memory (224 KB: fp8 at head_dim 128, fp8 MHA
+    # at 64), Mosaic GPU refuses it at lowering.
+    profile_space = 64 if not fp8 else 64 + 16 * pl.cdiv(pages_per_seq * page_size, block_kv)
     if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
         window = min(window, pages_per_seq * page_size + 1)
     if soft_cap is None:
@@ -524,10 +525,13 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             def _():
                 for j in range(2):
                     @pl.when(j < n_tiles)
+                    @jax.named_scope("fill")
                     def _():
                         issue(j, 0, stg_k, stg_kbar, 2)
                         issue(j, 1, stg_v, stg_vbar, 2)
 
+                # Per tile, for K then V (the profiler's events; no-ops without it): "wait" for the
+                # staging copy and the ring slot, "widen" the conversion, its fence and the refill.
                 @pl.loop(0, n_tiles)
                 def _(i):
                     s = lax.rem(i, jnp.int32(2))
@@ -537,19 +541,21 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     # reads before the TMA's writes).
                     for which, (stg, sbar, ring, bar, used) in enumerate(
                             ((stg_k, stg_kbar, k_smem, k_bar, k_used), (stg_v, stg_vbar, v_smem, v_bar, v_used))):
-                        plgpu.barrier_wait(sbar.at[s])
+                        with jax.named_scope("wait"):
+                            plgpu.barrier_wait(sbar.at[s])
 
-                        @pl.when(i >= stages)
-                        def _():
-                            plgpu.barrier_wait(used.at[slot])
-                        for k in range(nkv):
-                            widen(stg.at[s * nkv + k], ring.at[slot * nkv + k])
-                        plgpu.commit_smem()   # the ring's generic-proxy writes, before wgmma reads them
-                        plgpu.barrier_arrive(bar.at[slot])
+                            @pl.when(i >= stages)
+                            def _():
+                                plgpu.barrier_wait(used.at[slot])
+                        with jax.named_scope("widen"):
+                            for k in range(nkv):
+                                widen(stg.at[s * nkv + k], ring.at[slot * nkv + k])
+                            plgpu.commit_smem()   # the ring's generic-proxy writes, before wgmma reads them
+                            plgpu.barrier_arrive(bar.at[slot])
 
-                        @pl.when(i + 2 < n_tiles)
-                        def _():
-                            issue(i + 2, which, stg, sbar, 2)
+                            @pl.when(i + 2 < n_tiles)
+                            def _():
+                                issue(i + 2, which, stg, sbar, 2)
 
         @pl.when(wg == 2)
         def _producer():
@@ -624,5 +630,6 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
-            **(dict(profile_space=64, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),
+            **(dict(profile_space=profile_space, profile_dir=profile_dir, profile_bounds_check=True)
+               if profile_dir else {})),
     )(queries, kv_pages, block_tables, slots, sink_ml)
