@@ -236,7 +236,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     nkv = 2 if group == 1 else 1
     # Where Q (2 x 64 rows), the K/V ring and the output buffers (2 x 64 rows) do not fit a block
     # (head_dim 256: 256 KB), the output reuses Q's bytes (each warpgroup's own half: it writes O
-    # after its last S = Q K^T and zeroes rows before its Q arrives). An fp8 cache (FP8 below) also
+    # after its last S = Q K^T and zeroes rows before its Q arrives). An fp8 cache (fp8_producer below) also
     # stages two tiles of fp8 K and V (one byte per value) in shared memory.
     rows = 2 * BLOCK_Q + 2 * stages * nkv * block_kv + 2 * BLOCK_Q
     staging = 2 * 2 * nkv * block_kv * head_dim if fp8 else 0
@@ -509,7 +509,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
             def widen(src, dst):
                 # WGMMA-shaped pieces of 64 rows x 64 columns (one swizzle tile of either buffer):
-                # 32 values per thread, which fit the producer's registers through float32.
+                # 32 values per thread.
                 for r in range(0, block_kv, BLOCK_Q):
                     for c in range(0, head_dim, 64):
                         x = plgpu.load(src.at[pl.ds(r, BLOCK_Q), pl.ds(c, 64)], layout=plgpu.Layout.WGMMA_8BIT)

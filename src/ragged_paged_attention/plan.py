@@ -41,7 +41,7 @@ def mosaic_config(head_dim: int, group: int = 2) -> tuple[int, int]:
     """(keys per tile, ring stages) of the Mosaic GPU prefill: 2 x 64-row Q + stages x (K + V)
     tiles + 2 x 64-row output buffers stay under the 227 KB of an H100/H200 block. group 1 (MHA:
     a block's two query heads read two KV heads) holds two heads' K and V per stage. head_dim 256
-    takes 64-key tiles and its output reuses Q's shared memory: 64 + 2 x 64 KB."""
+    and MHA at head_dim 128 take 64-key tiles; at 256 the output reuses Q's shared memory."""
     if group == 1 and head_dim <= 64:
         return (128, 2)   # 16 + 2 x 64 + 16 KB
     if head_dim > 128 or group == 1:
