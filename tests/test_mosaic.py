@@ -118,7 +118,7 @@ def test_sink_table():
 
 
 @pytest.mark.parametrize("what", ["float32", "mha_d256", "odd_group", "head_dim_80", "page_size_4",
-                                  "fp8_d256", "compute_float32", "tile_knobs"])
+                                  "fp8_d256", "fp8_mha_d128", "compute_float32", "tile_knobs"])
 def test_mosaic_falls_back_to_triton_saying_why(what):
     """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
     that names the reason (on any JAX: outside TESTED_JAX the version is the reason)."""
@@ -128,12 +128,14 @@ def test_mosaic_falls_back_to_triton_saying_why(what):
     kw = dict(h=8, kvh=2, d=64, page=16, q="bfloat16", kv="bfloat16", compute="bfloat16")
     kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha_d256": dict(kvh=8, d=256),
                "odd_group": dict(h=6), "head_dim_80": dict(d=80), "page_size_4": dict(page=4),
-               "fp8_d256": dict(kv="float8_e4m3fn", d=256), "compute_float32": dict(compute="float32"),
+               "fp8_d256": dict(kv="float8_e4m3fn", d=256), "fp8_mha_d128": dict(kv="float8_e4m3fn", kvh=8, d=128),
+               "compute_float32": dict(compute="float32"),
                "tile_knobs": {}}[what])
     dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
     reason = {"float32": "both bfloat16", "mha_d256": "MHA", "odd_group": "even group size",
               "head_dim_80": "head_dim 64, 128 and 256", "page_size_4": "multiple of 8",
-              "fp8_d256": "fp8 cache at head_dim 64 and 128", "compute_float32": "both bfloat16",
+              "fp8_d256": "fp8 cache at head_dim 64 and 128", "fp8_mha_d128": "under MHA at head_dim 64 only",
+              "compute_float32": "both bfloat16",
               "tile_knobs": "num_queries_per_block"}[what]
     if not _tested_jax():
         reason = "is not a version the Mosaic GPU prefill was run with"
