@@ -190,19 +190,25 @@ needs_tested_jax = pytest.mark.skipif(
     (256, 128, 16, None, 30.0, False, 4, "float8_e4m3fn", "float16"),    # fp8, float16 queries (no Q conversion)
 ])
 def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh, kv, q):
+    text = _export_prefill(t, d, page, window, cap, sinks, kvh, kv, q).mlir_module()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
+def _export_prefill(t, d, page, window, cap, sinks, kvh, kv, q, **kw):
+    """jax.export of one mosaic_prefill.prefill call for CUDA (16 query heads, 8 sequences, 32-page
+    tables over 64 pages; an fp8 cache takes scales 0.5 and 2)."""
     h, s, width, pages = 16, 8, 32, 64
     sds = jax.ShapeDtypeStruct
+    fp8 = kv == "float8_e4m3fn"
 
     def f(q, kv, bt, qsl, ctx, n, aux):
         slots = mp.slot_table(qsl, ctx, n, total_tokens=t, pages_per_seq=width, page_size=page, dec_q=DEC_Q)
         scales = (jnp.full((1,), 0.5), jnp.full((1,), 2.0)) if fp8 else (None, None)
         return mp.prefill(q, kv, bt, slots, mp.sink_table(aux if sinks else None, h, *scales), num_kv_heads=kvh,
-                          page_size=page, sm_scale=0.125, soft_cap=cap, window=window, dec_q=DEC_Q)
-    fp8 = kv == "float8_e4m3fn"
+                          page_size=page, sm_scale=0.125, soft_cap=cap, window=window, dec_q=DEC_Q, **kw)
     args = (sds((t, h, d), q), sds((pages, page, 2 * kvh, d), kv), sds((s, width), jnp.int32),
             sds((s + 1,), jnp.int32), sds((s,), jnp.int32), sds((1,), jnp.int32), sds((h,), jnp.float32))
-    text = jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
-    assert text.count("custom_call @mosaic_gpu") == 1
+    return jax.export.export(jax.jit(f), platforms=["cuda"])(*args)
 
 
 @needs_tested_jax
@@ -210,20 +216,10 @@ def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh, kv, q):
 def test_profiler_lowers_where_its_buffer_fits(d, kvh, fits, tmp_path):
     """tools/mosaic_trace.py --fp8: the profiler's buffer fits beside fp8 GQA at head_dim 64 (192 KB);
     at head_dim 128 and under MHA at 64 (224 KB) Mosaic GPU refuses it."""
-    t, h, s, width, pages, page = 256, 16, 8, 32, 64, 16
-    sds = jax.ShapeDtypeStruct
-
-    def f(q, kv, bt, qsl, ctx, n):
-        slots = mp.slot_table(qsl, ctx, n, total_tokens=t, pages_per_seq=width, page_size=page, dec_q=DEC_Q)
-        sinks = mp.sink_table(None, h, jnp.full((1,), 0.5), jnp.full((1,), 2.0))
-        return mp.prefill(q, kv, bt, slots, sinks, num_kv_heads=kvh, page_size=page, sm_scale=0.125,
-                          soft_cap=None, window=None, dec_q=DEC_Q, profile_dir=str(tmp_path))
-    args = (sds((t, h, d), jnp.bfloat16), sds((pages, page, 2 * kvh, d), jnp.float8_e4m3fn),
-            sds((s, width), jnp.int32), sds((s + 1,), jnp.int32), sds((s,), jnp.int32), sds((1,), jnp.int32))
     # The profiler dumps its buffer through a host callback, which cannot lower for CUDA on a CPU
     # machine: that error comes after the kernel, and its shared-memory check, lowered.
     with pytest.raises(ValueError) as err:
-        jax.export.export(jax.jit(f), platforms=["cuda"])(*args)
+        _export_prefill(256, d, 16, None, None, False, kvh, "float8_e4m3fn", "bfloat16", profile_dir=str(tmp_path))
     assert ("exceeds available shared memory" in str(err.value)) != fits, str(err.value)[:300]
 
 
