@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-k", default="prefill_b8_2k,prefill_b1_16k,chunked_b4_1k_of_8k,mixed_4p_60d")
     p.add_argument("--json", type=Path)
-    p.add_argument("--head-dim", type=int, help="the workloads at this head_dim (named row@d<N>)")
+    p.add_argument("--head-dim", type=int, help="the workloads at this head_dim (named ...@d<N>)")
     p.add_argument("--fp8", action="store_true", help="the workloads with a float8_e4m3fn cache (row@fp8); "
                    "the profiler fits beside fp8 GQA at head_dim 64 only (--head-dim 64)")
     args = p.parse_args(argv)
@@ -217,10 +217,10 @@ def main(argv=None) -> int:
     rows = []
     for w in wl.suite():
         if w.name in names:
+            if args.fp8:
+                w = wl.fp8_cache(w)
             if args.head_dim:
                 w = dataclasses.replace(w, name=f"{w.name}@d{args.head_dim}", head_dim=args.head_dim)
-            if args.fp8:
-                w = dataclasses.replace(w, name=f"{w.name}@fp8", kv_dtype="float8_e4m3fn")
             r = one(w)
             rows.append(r)
             print(json.dumps(r, indent=1), flush=True)
