@@ -360,30 +360,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     else:
                         scale = kq
                     if masked:
-                        r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                        c = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                        # Per tile, scalars: the last key's column, the copy unit holding it, which
-                        # came in shifted back by sh_last rows (see the producer; 0 when that unit
-                        # is full or not in this tile). Per score only: column c holds key
-                        # t * block_kv + c - sh (sh: its unit's shift), seen by query row r iff
-                        # the key is real (c & (cu - 1) >= sh), at most the last (c - sh <= last)
-                        # and causal (c - sh - r <= diag), within the window.
-                        last = kv_len - 1 - t * block_kv
-                        unit_last = jnp.where((last >= 0) & (last < block_kv), last & ~(cu - 1), -1)
-                        sh_last = cu - (((last & (cu - 1)) + 8) & ~7)
-                        diag = tok0 + pos_off - t * block_kv
-                        sh = jnp.where((c & ~(cu - 1)) == unit_last, sh_last, 0)
-                        kc = c - sh
-                        d = kc - r
-                        ok = ((c & (cu - 1)) >= sh) & (kc <= last) & (d <= diag)
-                        if window is not None:
-                            ok = ok & (d > diag - window)
-                        s = jnp.where(ok, s * scale, -jnp.inf)
-                        m_new = jnp.maximum(m_i, s.max(axis=1))
-                        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    else:
-                        m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
-                        p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                        s = mask(s, t)
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+                    p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     alpha = jnp.exp2(m_i - m_new)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha
@@ -430,6 +409,44 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                             win[...] = jnp.where((r >= end - junk) & (r < end), jnp.zeros_like(vals), vals)
                             plgpu.commit_smem()
 
+                rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+                # The one tile whose last copy unit is partial (kv_len % cu != 0: shifted back, or
+                # with <= 7 slots past kv_len): it takes the per-score mask; -1: none.
+                t_part = jnp.where(kv_len % cu != 0, (kv_len - 1) // block_kv, -1)
+
+                def mask(s, t):
+                    """-inf where a score's key is not visible (before scale: scale > 0). Column c
+                    holds key t * block_kv + c except in a partial last unit (t == t_part), whose
+                    columns are shifted by sh."""
+                    last = kv_len - 1 - t * block_kv      # the last key's column (any value)
+                    diag = tok0 + pos_off - t * block_kv  # row r sees columns <= r + diag (causal)
+
+                    def bounds(s):
+                        # Per row, not per score: the visible columns are an interval.
+                        c_iota = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                        hi = lax.broadcast_in_dim(jnp.minimum(rows + diag, last), s.shape, [0])
+                        ok = c_iota <= hi
+                        if window is not None:
+                            ok = ok & (c_iota > lax.broadcast_in_dim(rows + (diag - window), s.shape, [0]))
+                        return jnp.where(ok, s, -jnp.inf)
+
+                    def per_score(s):
+                        # The unit holding the last key came in shifted back by sh_last rows (see
+                        # the producer): column c of it holds key t * block_kv + c - sh_last, and
+                        # its first sh_last columns no real key (zeros or earlier keys).
+                        r_iota = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                        c_iota = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                        unit_last = jnp.where((last >= 0) & (last < block_kv), last & ~(cu - 1), -1)
+                        sh_last = cu - (((last & (cu - 1)) + 8) & ~7)
+                        sh = jnp.where((c_iota & ~(cu - 1)) == unit_last, sh_last, 0)
+                        kc = c_iota - sh
+                        d = kc - r_iota
+                        ok = ((c_iota & (cu - 1)) >= sh) & (kc <= last) & (d <= diag)
+                        if window is not None:
+                            ok = ok & (d > diag - window)
+                        return jnp.where(ok, s, -jnp.inf)
+                    return lax.cond(t == t_part, per_score, bounds, s)
+
                 masked_step = functools.partial(step, masked=True)
                 plain_step = functools.partial(step, masked=False)
                 carry = (acc, m_i, l_i)
@@ -445,7 +462,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 with jax.named_scope("diagonal"):
                     carry = lax.fori_loop(e2, t_hi, masked_step, carry)
                 acc, m_i, l_i = carry
-                pl.when(wg == 0)(jax.named_scope("unstagger")(schedule_barrier))
+                # The arrival warpgroup 1's last softmax waits for (it began one turn late); warpgroup 0
+                # has no matrix work left to order, so it stores without waiting for that turn.
+                pl.when(wg == 0)(lambda: plgpu.barrier_arrive(sched))
 
                 with jax.named_scope("store"):
                     # l == 0: no visible key (acc is 0 too); a NaN l (NaN query) stays NaN.
@@ -477,7 +496,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                             plgpu.copy_smem_to_gmem(ot_buf, out_ref.at[pl.ds(tok0, BLOCK_Q), head])
                         pl.when(~whole)(untiled)
             with jax.named_scope("store_wait"):
-                plgpu.wait_smem_to_gmem(0)
+                # Until the copies have read shared memory (the block may then exit); their writes
+                # to the output are complete when the kernel is.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def issue(i, which: int, buf, bar, nbuf: int):
             """Tile i's K (which 0) or V (1) by TMA into buf[i % nbuf] (per KV head), arriving on bar."""
