@@ -135,7 +135,7 @@ def ragged_page_attention_v2(
       k_scale, v_scale: per-tensor dequantisation scales of a float8_e4m3fn cache (default 1).
       implementation: "auto" (the Triton kernels on NVIDIA GPUs, pure JAX elsewhere), "triton",
         "mosaic" (the prefill tiles in Pallas Mosaic GPU, the decode in Triton: Hopper, jax 0.11.2+,
-        bf16/fp16 with a cache of that dtype or fp8 (not at head_dim 256 nor MHA at 128), head_dim 64/128/256,
+        bf16/fp16 with a cache of that dtype or fp8 (not at head_dim 256), head_dim 64/128/256,
         even group size or MHA at head_dim 64/128; a call it cannot
         serve runs the Triton prefill with a MosaicFallbackWarning saying why; README: "The
         Mosaic GPU prefill") or "xla" (pure JAX).

@@ -46,13 +46,12 @@ Opt-in (``implementation="mosaic"``, docs/decisions.md): every bucket shape comp
 and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupported`` says why a
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
 lower it), queries and compute dtype both bfloat16 or both float16 and the cache the same or
-float8_e4m3fn (fp8: not at head_dim 256, nor under MHA at 128), head_dim 64, 128 or 256 (256:
-64-key tiles), an even number of query heads per KV head or one (MHA at head_dim 64 or 128: a
+float8_e4m3fn (fp8: not at head_dim 256), head_dim 64, 128 or 256 (256: 64-key tiles), an even number of query heads per KV head or one (MHA at head_dim 64 or 128: a
 block's two query heads then read two KV heads, whose K/V tiles share each ring stage and its
 barrier), and a page size that is a multiple of 8 and divides or is a multiple of the key tile (128
 keys; 64 at head_dim 256 and for MHA at 128).
 Where Q, the ring (and an fp8 cache's staging tiles) and the output buffers would not fit a block's
-shared memory (head_dim 256; an fp8 cache at head_dim 128), the output buffers reuse Q's.
+shared memory (head_dim 256; an fp8 cache at head_dim 128, MHA included), the output buffers reuse Q's.
 """
 
 from __future__ import annotations
@@ -114,9 +113,6 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
     if kv_dtype == "float8_e4m3fn" and head_dim > 128:
         return ("the Mosaic GPU prefill takes an fp8 cache at head_dim 64 and 128: at 256 its two fp8 "
                 "staging tiles do not fit beside the ring in shared memory")
-    if kv_dtype == "float8_e4m3fn" and group == 1 and head_dim > 64:
-        return ("the Mosaic GPU prefill takes an fp8 cache under MHA at head_dim 64 only: at 128 (224 KB of "
-                "shared memory) it lowers but has not run on a GPU yet")
     if group == 1 and head_dim > 128:
         return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 and 128: two "
                 f"heads' K/V tiles of head_dim {head_dim} leave no second ring stage in shared memory")
