@@ -5,7 +5,7 @@
 
 Runs the kernel once with Mosaic GPU's on-device profiler (mosaic_prefill.prefill(profile_dir=...):
 each warpgroup stamps the SM clock at the kernel's named scopes: entry, setup (Q copy and the first
-K tile's wait), stagger, the edge_lo / full / diagonal tile loops, unstagger, store, store_wait,
+K tile's wait), stagger, the edge_lo / full / diagonal tile loops, store, store_wait,
 zero_rows; the producer's fill and stream, or with an fp8 cache its per-tile wait (the staging
 copy and the ring slot) and widen (conversion, fence, refill), for K and V) and prints per workload:
 - the kernel time without the profiler (8 calls in one jit, median of 10 runs, per call);
@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import workloads as wl  # noqa: E402
 from ragged_paged_attention.plan import decode_tokens  # noqa: E402
 
-CONSUMER = ("entry", "zero_rows", "setup", "stagger", "edge_lo", "full", "diagonal", "unstagger", "store",
-            "store_wait")
+CONSUMER = ("entry", "zero_rows", "setup", "stagger", "edge_lo", "full", "diagonal", "store", "store_wait")
 PRODUCER = ("entry", "fill", "stream", "wait", "widen")   # wait, widen: the fp8 producer, per tile
 
 

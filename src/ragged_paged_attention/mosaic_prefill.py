@@ -3,7 +3,7 @@
 One CUDA block per (query-block slot, pair of query heads of one KV head, or of two KV heads
 under MHA), three warpgroups:
 
-- a producer warpgroup (40 registers), of which one warp issues the copies, streams the sequence's
+- a producer warpgroup (40 registers), whose four warps each issue every fourth copy, streams the sequence's
   K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA, one copy per
   page (or per BLOCK_KV rows of a page larger than a tile): the page id is read from the block
   table at run time. Pages wholly outside the block's visible key range are never read: their
@@ -23,6 +23,9 @@ under MHA), three warpgroups:
   of two query heads of that KV head (both read every K/V tile once), compute S = Q K^T and O += P
   V on the matrix units (wgmma) with an online softmax in the log2 domain, and take turns on the
   matrix units through a schedule barrier (one's softmax overlaps the other's matrix products).
+  Masked tiles (the causal diagonal, the window's edge) compare each score's column with its row's
+  visible interval; only the tile holding a partial last copy unit (shifted, see above) takes the
+  per-score mask.
   With an fp8 cache they multiply in float16: bfloat16 queries are rounded to float16 in place once
   per block (docs/decisions.md).
 
