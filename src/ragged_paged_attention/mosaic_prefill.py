@@ -3,7 +3,7 @@
 One CUDA block per (query-block slot, pair of query heads of one KV head, or of two KV heads
 under MHA), three warpgroups:
 
-- a producer warpgroup (40 registers), whose four warps each issue every fourth copy, streams the sequence's
+- a producer warpgroup (40 registers; each warp issues every fourth copy) streams the sequence's
   K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA, one copy per
   page (or per BLOCK_KV rows of a page larger than a tile): the page id is read from the block
   table at run time. Pages wholly outside the block's visible key range are never read: their
@@ -49,12 +49,13 @@ Opt-in (``implementation="mosaic"``, docs/decisions.md): every bucket shape comp
 and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupported`` says why a
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
 lower it), queries and compute dtype both bfloat16 or both float16 and the cache the same or
-float8_e4m3fn (fp8: not at head_dim 256), head_dim 64, 128 or 256 (256: 64-key tiles), an even number of query heads per KV head or one (MHA at head_dim 64 or 128: a
-block's two query heads then read two KV heads, whose K/V tiles share each ring stage and its
-barrier), and a page size that is a multiple of 8 and divides or is a multiple of the key tile (128
-keys; 64 at head_dim 256 and for MHA at 128).
+float8_e4m3fn (fp8: not at head_dim 256), head_dim 64, 128 or 256 (256: 64-key tiles), an even
+number of query heads per KV head or one (MHA at head_dim 64 or 128: a block's two query heads
+then read two KV heads, whose K/V tiles share each ring stage and its barrier), and a page size
+that is a multiple of 8 and divides or is a multiple of the key tile (128 keys; 64 at head_dim 256
+and for MHA at 128).
 Where Q, the ring (and an fp8 cache's staging tiles) and the output buffers would not fit a block's
-shared memory (head_dim 256; an fp8 cache at head_dim 128, MHA included), the output buffers reuse Q's.
+shared memory (head_dim 256; an fp8 cache at head_dim 128, MHA too), the output buffers reuse Q's.
 """
 
 from __future__ import annotations
