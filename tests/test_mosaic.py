@@ -118,7 +118,7 @@ def test_sink_table():
 
 
 @pytest.mark.parametrize("what", ["float32", "mha_d256", "odd_group", "head_dim_80", "page_size_4",
-                                  "fp8_d256", "compute_float32", "tile_knobs"])
+                                  "fp8_d256", "compute_float32", "tile_knobs", "scale_zero", "scale_negative"])
 def test_mosaic_falls_back_to_triton_saying_why(what):
     """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
     that names the reason (on any JAX: outside TESTED_JAX the version is the reason)."""
@@ -130,18 +130,19 @@ def test_mosaic_falls_back_to_triton_saying_why(what):
                "odd_group": dict(h=6), "head_dim_80": dict(d=80), "page_size_4": dict(page=4),
                "fp8_d256": dict(kv="float8_e4m3fn", d=256),
                "compute_float32": dict(compute="float32"),
-               "tile_knobs": {}}[what])
+               "tile_knobs": {}, "scale_zero": dict(scale=0.0), "scale_negative": dict(scale=-0.125)}[what])
     dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
     reason = {"float32": "both bfloat16", "mha_d256": "MHA", "odd_group": "even group size",
               "head_dim_80": "head_dim 64, 128 and 256", "page_size_4": "multiple of 8",
               "fp8_d256": "fp8 cache at head_dim 64 and 128",
               "compute_float32": "both bfloat16",
-              "tile_knobs": "num_queries_per_block"}[what]
+              "tile_knobs": "num_queries_per_block", "scale_zero": "softmax_scale > 0",
+              "scale_negative": "softmax_scale > 0"}[what]
     if not _tested_jax():
         reason = "is not a version the Mosaic GPU prefill was run with"
     with pytest.warns(rpa.MosaicFallbackWarning, match=reason):
         assert prefill_kernel("mosaic", dims, kw["q"], kw["kv"], kw["compute"], arch=90,
-                              tile_knobs=what == "tile_knobs") == "triton"
+                              tile_knobs=what == "tile_knobs", softmax_scale=kw.get("scale", 0.125)) == "triton"
     with pytest.warns(rpa.MosaicFallbackWarning, match="sm_90|version"):
         prefill_kernel("mosaic", Dims(64, 8, 64, 32, 16, 2, 4, 8), "bfloat16", "bfloat16", "bfloat16", arch=80)
 

@@ -37,7 +37,7 @@ def use_triton(implementation: str) -> bool:
 
 
 def prefill_kernel(implementation: str, dims: Dims, q_dtype: str, kv_dtype: str, compute_dtype: str,
-                   arch: int, tile_knobs: bool = False) -> str:
+                   arch: int, tile_knobs: bool = False, softmax_scale: float = 1.0) -> str:
     """'mosaic' (the Pallas Mosaic GPU prefill, mosaic_prefill.py) or 'triton' for the prefill tiles
     of a GPU call. Only implementation="mosaic" takes Mosaic, where it can serve the call (elsewhere
     a MosaicFallbackWarning says why and the Triton prefill runs); "auto" and "triton" run the
@@ -50,7 +50,7 @@ def prefill_kernel(implementation: str, dims: Dims, q_dtype: str, kv_dtype: str,
 
     why = mosaic_prefill.unsupported(arch=arch, q_dtype=q_dtype, kv_dtype=kv_dtype, compute_dtype=compute_dtype,
                                      head_dim=dims.head_dim, group=dims.group_size, page_size=dims.page_size,
-                                     tile_knobs=tile_knobs)
+                                     tile_knobs=tile_knobs, softmax_scale=softmax_scale)
     if why is not None:
         warnings.warn(f"implementation='mosaic': this call's prefill runs in the Triton kernels: {why}",
                       MosaicFallbackWarning, stacklevel=2)
@@ -136,7 +136,7 @@ def ragged_page_attention_v2(
       implementation: "auto" (the Triton kernels on NVIDIA GPUs, pure JAX elsewhere), "triton",
         "mosaic" (the prefill tiles in Pallas Mosaic GPU, the decode in Triton: Hopper, jax 0.11.2+,
         bf16/fp16 with a cache of that dtype or fp8 (not at head_dim 256), head_dim 64/128/256,
-        even group size or MHA at head_dim 64/128; a call it cannot
+        even group size or MHA at head_dim 64/128, softmax_scale > 0; a call it cannot
         serve runs the Triton prefill with a MosaicFallbackWarning saying why; README: "The
         Mosaic GPU prefill") or "xla" (pure JAX).
       check_inputs: run the value checks (index ranges, q_len <= kv_len, scales, ...) when the
@@ -202,7 +202,7 @@ def _attention(queries, kv_pages, context_lens, block_tables, query_start_loc, n
         sms, kind, arch = jax_launch.device_info()
         tile_knobs = num_queries_per_block is not None or num_kv_pages_per_block is not None
         prefill = prefill_kernel(gpu, dims, dtype_name(queries.dtype), dtype_name(kv_pages.dtype), compute_dtype,
-                                 arch, tile_knobs=tile_knobs)
+                                 arch, tile_knobs=tile_knobs, softmax_scale=softmax_scale)
         plan = plan_for_arrays(
             queries, kv_pages, context_lens, block_tables, softmax_aux, num_sms=sms, device_kind=kind,
             compute_dtype=compute_dtype, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,

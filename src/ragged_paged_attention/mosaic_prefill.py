@@ -3,7 +3,7 @@
 One CUDA block per (query-block slot, pair of query heads of one KV head, or of two KV heads
 under MHA), three warpgroups:
 
-- a producer warpgroup (40 registers; each warp issues every fourth copy) streams the sequence's
+- a producer warpgroup (40 registers), of which one warp issues the copies, streams the sequence's
   K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA, one copy per
   page (or per BLOCK_KV rows of a page larger than a tile): the page id is read from the block
   table at run time. Pages wholly outside the block's visible key range are never read: their
@@ -93,7 +93,7 @@ def _cuda_runtime() -> int | None:
 
 
 def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, head_dim: int,
-                group: int, page_size: int, tile_knobs: bool = False) -> str | None:
+                group: int, page_size: int, tile_knobs: bool = False, softmax_scale: float = 1.0) -> str | None:
     """Why the Mosaic GPU prefill cannot serve a call (None when it can). tile_knobs: the call set
     num_queries_per_block or num_kv_pages_per_block, tile shapes only the Triton prefill takes."""
     lo, hi = TESTED_JAX
@@ -105,6 +105,10 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
     if cuda is not None and 12080 <= cuda < 12091:
         # jax 0.11.2's own Mosaic GPU attention refuses causal masks on these: a ptxas miscompilation.
         return f"CUDA runtime {cuda} (12.8.0 <= v < 12.9.1) miscompiles masked wgmma kernels (ptxas)"
+    if not softmax_scale > 0:
+        # Masked scores become -inf before the scale multiplies them (-inf x 0 is NaN), and each
+        # row's maximum is taken before scaling (the maximum of a negatively scaled row is not).
+        return f"the Mosaic GPU prefill scales logits after masking them: it needs softmax_scale > 0, got {softmax_scale}"
     if tile_knobs:
         return ("num_queries_per_block / num_kv_pages_per_block set the Triton prefill tile; the Mosaic "
                 "GPU prefill has one tile (64 tokens x 2 heads, 128 or 64 keys)")
