@@ -413,7 +413,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                             win[...] = jnp.where((r >= end - junk) & (r < end), jnp.zeros_like(vals), vals)
                             plgpu.commit_smem()
 
-                rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+                row_ids = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
                 # The one tile whose last copy unit is partial (kv_len % cu != 0: shifted back, or
                 # with <= 7 slots past kv_len): it takes the per-score mask; -1: none.
                 t_part = jnp.where(kv_len % cu != 0, (kv_len - 1) // block_kv, -1)
@@ -428,10 +428,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     def bounds(s):
                         # Per row, not per score: the visible columns are an interval.
                         c_iota = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                        hi = lax.broadcast_in_dim(jnp.minimum(rows + diag, last), s.shape, [0])
+                        hi = lax.broadcast_in_dim(jnp.minimum(row_ids + diag, last), s.shape, [0])
                         ok = c_iota <= hi
                         if window is not None:
-                            ok = ok & (c_iota > lax.broadcast_in_dim(rows + (diag - window), s.shape, [0]))
+                            ok = ok & (c_iota > lax.broadcast_in_dim(row_ids + (diag - window), s.shape, [0]))
                         return jnp.where(ok, s, -jnp.inf)
 
                     def per_score(s):
@@ -615,7 +615,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             plgpu.SMEM((stages * nkv, block_kv, head_dim), cdt, transforms=(tiling, swizzle)),
         ]
         if fp8:   # staging for two tiles of fp8 K and V (one byte per value: swizzle by row bytes)
-            f8 = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64)))
+            f8 = dict(transforms=(tiling, plgpu.SwizzleTransform(64)))
             tiled += [plgpu.SMEM((2 * nkv, block_kv, head_dim), kv_pages.dtype, **f8)] * 2
         out = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype)   # untiled: stored in 1..64-row pieces
         out_t = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle))   # whole blocks
