@@ -6,8 +6,9 @@
 Runs the kernel once with Mosaic GPU's on-device profiler (mosaic_prefill.prefill(profile_dir=...):
 each warpgroup stamps the SM clock at the kernel's named scopes: entry, setup (Q copy and the first
 K tile's wait), stagger, the edge_lo / full / diagonal tile loops, store, store_wait,
-zero_rows; the producer's fill and stream, or with an fp8 cache its per-tile wait (the staging
-copy and the ring slot) and widen (conversion, fence, refill), for K and V) and prints per workload:
+zero_rows; the producer's fill and stream; branch fp8-trace's fp8 producer also stamps, per tile,
+wait (the staging copy and the ring slot) and widen (conversion, fence, refill), for K and V) and
+prints per workload:
 - the kernel time without the profiler (8 calls in one jit, median of 10 runs, per call);
 - per phase and warpgroup: the mean cycles per block and its share of the SMs' time;
 - the loop's cost per K/V tile (a least-squares fit of the loop's cycles on the tiles a block
