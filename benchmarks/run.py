@@ -3,7 +3,8 @@ copy and matmul ceilings measured in the same run; server-shaped rows against th
 flash-attn3-jax beside ours (--peers); the start-up record (--startup). Nothing is written unless
 --out is given. Without a GPU: the shrunk suite through implementation="xla", a smoke test.
 
-    python benchmarks/run.py [--quick] [-k SUBSTR] [--impl triton torch xla] [--peers] [--page-sizes N ...] [--fp8]
+    python benchmarks/run.py [--quick] [-k SUBSTR] [--impl triton torch xla] [--peers] [--page-sizes N ...]
+                             [--fp8 | --fp8-only]
                              [--startup] [--out X.json]
     python -m ragged_paged_attention bench ...   (the same)
 """
@@ -413,6 +414,8 @@ def parse(argv) -> argparse.Namespace:
                         "against page 16, the cost of the page gathers)")
     p.add_argument("--fp8", action="store_true", help="also each exact-shape row with a float8_e4m3fn cache "
                    "(row@fp8, scales 1; x twin: against the bfloat16 cache)")
+    p.add_argument("--fp8-only", action="store_true", help="only the fp8 twins of the exact-shape rows (A/B runs "
+                   "of the fp8 kernel: half the time of --fp8)")
     p.add_argument("--startup", action="store_true", help="the start-up record (two fresh processes)")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which the remaining workloads are skipped")
     p.add_argument("--impl", nargs="+", choices=IMPLS, help="default: triton mosaic torch on a GPU, xla elsewhere "
@@ -432,8 +435,11 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no workload name contains {args.k!r}: {[w.name for w in wl.suite()]}", file=sys.stderr)
         return 2
-    rows = [v for w in rows for v in [w] + [wl.repaged(w, p) for p in args.page_sizes if w.tokens is None]
-            + ([wl.fp8_cache(w)] if args.fp8 and w.tokens is None else [])]
+    if args.fp8_only:
+        rows = [wl.fp8_cache(w) for w in rows if w.tokens is None]
+    else:
+        rows = [v for w in rows for v in [w] + [wl.repaged(w, p) for p in args.page_sizes if w.tokens is None]
+                + ([wl.fp8_cache(w)] if args.fp8 and w.tokens is None else [])]
     device = jax.devices()[0].device_kind if gpu else f"cpu ({platform.machine()})"
     if not gpu:
         print("no GPU found: running the shrunk suite through implementation='xla' (a smoke test, not a benchmark)")
