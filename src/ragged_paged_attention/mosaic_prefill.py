@@ -504,12 +504,13 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 # to the output are complete when the kernel is.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def issue(i, which: int, buf, bar, nbuf: int):
-            """Tile i's K (which 0) or V (1) by TMA into buf[i % nbuf] (per KV head), arriving on bar."""
+        def issue(i, which: int, buf, bar, nbuf: int, warp=None):
+            """Tile i's K (which 0) or V (1) by TMA into buf[i % nbuf] (per KV head), arriving on bar.
+            warp: issue only the copy units u with u % 4 == warp (the caller runs on one warp)."""
             bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
             t = t_lo + i
             slot = lax.rem(i, jnp.int32(nbuf))
-            for u in range(units):
+            def issue_unit(u):
                 ks = t * block_kv + u * cu
                 live = (ks < kv_len) & (ks + cu > lo)
                 page = bt_row[_clamp(ks // page_size, 0, pages_per_seq - 1)]
@@ -526,6 +527,12 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     plgpu.copy_gmem_to_smem(
                         kv_ref.at[page, pl.ds(start, cu), 2 * (kvh + k) + which],
                         buf.at[slot * nkv + k, pl.ds(u * cu, cu)], bar.at[slot])
+
+            for u in range(units):
+                if warp is None:
+                    issue_unit(u)
+                else:
+                    pl.when(warp == u % 4)(functools.partial(issue_unit, u))
 
         def fp8_producer():
             # An fp8 cache: TMA brings tile i's fp8 K and V into staging buffer i % 2, and the four
@@ -582,13 +589,13 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 return fp8_producer()
             plgpu.set_max_registers(40, action="decrease")
 
-            def produce():
+            def produce(warp):
                 for j in range(stages):
                     @pl.when(j < n_tiles)
                     @jax.named_scope("fill")
                     def _():
-                        issue(j, 0, k_smem, k_bar, stages)
-                        issue(j, 1, v_smem, v_bar, stages)
+                        issue(j, 0, k_smem, k_bar, stages, warp)
+                        issue(j, 1, v_smem, v_bar, stages, warp)
 
                 with jax.named_scope("stream"):
                     @pl.loop(0, jnp.maximum(n_tiles - stages, 0))
@@ -596,15 +603,16 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         i = j + stages
                         slot = lax.rem(i, jnp.int32(stages))
                         plgpu.barrier_wait(k_used.at[slot])
-                        issue(i, 0, k_smem, k_bar, stages)
+                        issue(i, 0, k_smem, k_bar, stages, warp)
                         plgpu.barrier_wait(v_used.at[slot])
-                        issue(i, 1, v_smem, v_bar, stages)
+                        issue(i, 1, v_smem, v_bar, stages, warp)
 
-            # One warp issues the copies. Each copy costs the issuing threads a few scalar ops, the
-            # barrier's arrivals and a TMA instruction; with all four warps of this warpgroup (one
-            # per SM sub-partition) running them, 16-32 copies per tile at page 16 take issue slots
-            # from the consumer warps beside them (benchmarks/NOTES.md v8: the per-copy cost).
-            plgpu.warp_map(lambda warp: pl.when((warp == 0) & work)(produce))
+            # Each warp issues every fourth copy unit. A copy costs the issuing thread a few scalar
+            # ops, the barrier's arrival and a TMA instruction, taken from the issue slots of the
+            # consumer warps on the same SM sub-partition (one warp per partition); the consumer
+            # warpgroup waits for its slowest warp, so the copies are spread over the four
+            # partitions (v9 ran every copy on all four warps, then on one: benchmarks/NOTES.md).
+            plgpu.warp_map(lambda warp: pl.when(work)(functools.partial(produce, warp)))
 
     def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
