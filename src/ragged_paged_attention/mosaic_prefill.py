@@ -612,7 +612,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             # consumer warps on the same SM sub-partition (one warp per partition); the consumer
             # warpgroup waits for its slowest warp, so the copies are spread over the four
             # partitions (v9 ran every copy on all four warps, then on one: benchmarks/NOTES.md).
-            plgpu.warp_map(lambda warp: pl.when(work)(functools.partial(produce, warp)))
+            # A warp with no unit to issue (fewer than four per tile: pages of 32 keys or more) stays
+            # out: it would wait on the ring's barriers without gating them, and could fall two
+            # phases behind (the barrier's parity then matches again) and never return.
+            plgpu.warp_map(lambda warp: pl.when(work & (warp < units))(functools.partial(produce, warp)))
 
     def rpa_mosaic_prefill(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref):  # the kernel's name in profiles
         tiling = plgpu.TilingTransform((8, 64))
