@@ -552,13 +552,19 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         x = x.astype(jnp.float16)   # one conversion per two values
                         dst.at[pl.ds(r, BLOCK_Q), pl.ds(c, 64)][...] = x
 
+            def issue_spread(i, which, stg, sbar):
+                # Each warp issues every fourth copy unit: in warpgroup code every warp would run
+                # every copy's scalar work (one thread issues it), and the refill sits on the
+                # widening's path, which bounds this kernel (benchmarks/NOTES.md v11).
+                plgpu.warp_map(lambda warp: issue(i, which, stg, sbar, 2, warp))
+
             @pl.when(work)
             def _():
                 for j in range(2):
                     @pl.when(j < n_tiles)
                     def _():
-                        issue(j, 0, stg_k, stg_kbar, 2)
-                        issue(j, 1, stg_v, stg_vbar, 2)
+                        issue_spread(j, 0, stg_k, stg_kbar)
+                        issue_spread(j, 1, stg_v, stg_vbar)
 
                 @pl.loop(0, n_tiles)
                 def _(i):
@@ -581,7 +587,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
                         @pl.when(i + 2 < n_tiles)
                         def _():
-                            issue(i + 2, which, stg, sbar, 2)
+                            issue_spread(i + 2, which, stg, sbar)
 
         @pl.when(wg == 2)
         def _producer():
