@@ -3,7 +3,7 @@
 One CUDA block per (query-block slot, pair of query heads of one KV head, or of two KV heads
 under MHA), three warpgroups:
 
-- a producer warpgroup (40 registers), of which one warp issues the copies, streams the sequence's
+- a producer warpgroup (40 registers), each warp issuing every fourth copy unit, streams the sequence's
   K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA, one copy per
   page (or per BLOCK_KV rows of a page larger than a tile): the page id is read from the block
   table at run time. Pages wholly outside the block's visible key range are never read: their
@@ -17,8 +17,9 @@ under MHA), three warpgroups:
   skipped by whole copy units only: a unit that holds the window's first key is read whole, so the
   earlier keys of that live page (finite data a server wrote, never freed) sit in shared memory
   with weight 0. With an fp8 (e4m3) cache the whole producer warpgroup (56 registers) works: TMA
-  brings each tile's fp8 K and V into one of two staging buffers, and its four warps widen them to
-  float16 into the ring (k_scale folds into the logits' scale, v_scale into the output's).
+  brings each tile's fp8 K and V into one of two staging buffers (each warp issuing every fourth
+  copy unit), and its four warps widen them to float16 into the ring (k_scale folds into the
+  logits' scale, v_scale into the output's).
 - two consumer warpgroups (232 registers each; 224 with an fp8 cache) take the same 64 query tokens
   of two query heads of that KV head (both read every K/V tile once), compute S = Q K^T and O += P
   V on the matrix units (wgmma) with an online softmax in the log2 domain, and take turns on the
