@@ -207,6 +207,16 @@ def test_fp8_rows_compare_with_their_bfloat16_twin(run, tmp_path):
     assert row["vs_twin"] > 0 and "error" not in row
 
 
+def test_fp8_only_runs_the_fp8_twins_alone(run, tmp_path):
+    """--fp8-only (A/B runs of the fp8 kernel) times row@fp8 without its bfloat16 twin: no twin
+    ratio, no server-shaped row, and the row still checked against the float32 path."""
+    path = tmp_path / "fp8.json"
+    assert run.main(["--quick", "-k", "prefill_b8_2k|chunked_b4_1k_of_8k", "--fp8-only", "--out", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert list(doc["workloads"]) == ["prefill_b8_2k@fp8", "chunked_b4_1k_of_8k@fp8"]
+    for row in doc["results"]:
+        assert row["workload"].endswith("@fp8") and "vs_twin" not in row and "error" not in row
+
 def test_page_size_rows_run_their_twins_tiles(run, tmp_path, monkeypatch):
     """A row@pN must differ from its page-16 twin in the pages alone: the tuning tables key tiles by
     page size, so the benchmark gives it a table with the page-16 entries under page N too."""
