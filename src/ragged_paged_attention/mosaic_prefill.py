@@ -505,12 +505,13 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 # to the output are complete when the kernel is.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def issue(i, which: int, buf, bar, nbuf: int, warp=None):
-            """Tile i's K (which 0) or V (1) by TMA into buf[i % nbuf] (per KV head), arriving on bar.
-            warp: issue only the copy units u with u % 4 == warp (the caller runs on one warp)."""
+        def issue(i, which: int, buf, bar, nbuf: int, warp):
+            """Tile i's K (which 0) or V (1) by TMA into buf[i % nbuf] (per KV head), arriving on bar:
+            the copy units u with u % 4 == warp (the caller runs on one warp of the producer)."""
             bt_row = bt_ref.at[_clamp(seq, 0, bt_ref.shape[0] - 1)]
             t = t_lo + i
             slot = lax.rem(i, jnp.int32(nbuf))
+
             def issue_unit(u):
                 ks = t * block_kv + u * cu
                 live = (ks < kv_len) & (ks + cu > lo)
@@ -530,10 +531,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         buf.at[slot * nkv + k, pl.ds(u * cu, cu)], bar.at[slot])
 
             for u in range(units):
-                if warp is None:
-                    issue_unit(u)
-                else:
-                    pl.when(warp == u % 4)(functools.partial(issue_unit, u))
+                pl.when(warp == u % 4)(functools.partial(issue_unit, u))
 
         def fp8_producer():
             # An fp8 cache: TMA brings tile i's fp8 K and V into staging buffer i % 2, and the four
