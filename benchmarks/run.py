@@ -406,7 +406,8 @@ def parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions, shorter timing windows")
     p.add_argument("-k", default="", metavar="SUBSTR", help="only workloads whose name contains SUBSTR "
-                   "(several: SUBSTR|SUBSTR|...)")
+                   "(several: SUBSTR|SUBSTR|...; SUBSTR$: whose name ends with SUBSTR, e.g. an exact row "
+                   "without its server-shaped twin)")
     p.add_argument("--out", type=Path, help="JSON path; the PNG chart goes beside it (nothing is written without it)")
     p.add_argument("--peers", action="store_true", help=f"time {PEER} beside ours (exact-shape rows)")
     p.add_argument("--page-sizes", type=int, nargs="+", default=[], metavar="N",
@@ -431,7 +432,8 @@ def main(argv=None) -> int:
         return startup_child(args.startup_child)
     gpu = jax.default_backend() == "gpu"
     impls = args.impl or (["triton", "mosaic", "torch"] if gpu else ["xla"])
-    rows = [w for w in wl.suite() if any(k in w.name for k in args.k.split("|"))]
+    rows = [w for w in wl.suite() if any(w.name.endswith(k[:-1]) if k.endswith("$") else k in w.name
+                                         for k in args.k.split("|"))]
     if not rows:
         print(f"no workload name contains {args.k!r}: {[w.name for w in wl.suite()]}", file=sys.stderr)
         return 2

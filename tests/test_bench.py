@@ -174,6 +174,17 @@ def test_cpu_run_writes_json_and_chart(run, tmp_path):
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_k_with_a_dollar_takes_the_exact_row_alone(run, tmp_path):
+    """-k NAME$ matches names ending with NAME: the exact row without its server-shaped twin (A/B runs
+    time only what they compare); without the $ both run."""
+    path = tmp_path / "k.json"
+    assert run.main(["--quick", "-k", "decode_b8_ctx32k$|prefill_b8_2k$", "--impl", "xla", "--out", str(path)]) == 0
+    assert list(json.loads(path.read_text())["workloads"]) == ["decode_b8_ctx32k", "prefill_b8_2k"]
+    assert run.main(["--quick", "-k", "ctx32k", "--impl", "xla", "--out", str(path)]) == 0
+    names = list(json.loads(path.read_text())["workloads"])
+    assert len(names) == 2 and names[0] == "decode_b8_ctx32k" and names[1].startswith("decode_b8_ctx32k@T")
+
+
 def test_chart_without_matplotlib_claims_no_file(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert "skipped" in run.chart({"results": []}, tmp_path / "x.png")
