@@ -104,6 +104,9 @@ def test_slot_table_in_bounds_for_garbage(kind):
     assert (live[:, 0] < s).all()
     assert ((live[:, 1] >= 0) & (live[:, 1] % 8 == 0) & (live[:, 1] + live[:, 2] + live[:, 3] <= t)).all()
     assert ((live[:, 4] >= 0) & (live[:, 4] <= width * page)).all()
+    # A block's last row sees no key past kv_len (its position + 1 <= kv_len): the kernel's key tiles
+    # stop at kv_len's tile, the only one that can hold a partial copy unit and slots past kv_len.
+    assert (live[:, 1] + live[:, 2] + live[:, 3] + live[:, 5] <= live[:, 4]).all()
     assert ((tab[:, 6] >= 0) & (tab[:, 6] + tab[:, 7] <= t) & (tab[:, 8] >= 0) & (tab[:, 8] + tab[:, 9] <= t)).all()
 
 
