@@ -243,6 +243,10 @@ BASE_CASES = [
     # Gemma-like prefill: head_dim 256 with prefill blocks, a window and a soft cap
     _c("head_dim_256_prefill", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=2, head_dim=256,
        sliding_window=150, soft_cap=50.0, interpret=False),
+    # head_dim 256 in pages of 64: whole-tile copy units (64 keys each) in 64-key tiles, the last
+    # one partial (kv_len % 64 != 0), with a window
+    _c("head_dim_256_page_64", [(129, 301), (70, 75), (1, 50)], num_q_heads=4, num_kv_heads=2, head_dim=256,
+       page_size=64, sliding_window=200, interpret=False),
     # page sizes
     _c("page_size_1", [(1, 23), (5, 9), (2, 2)], page_size=1),
     _c("page_size_64", [(1, 130), (5, 64), (3, 65)], page_size=64),
