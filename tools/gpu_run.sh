@@ -9,6 +9,8 @@
 #   tests-a, tests-b  the test suite's GPU backends (jax-triton, jax-mosaic, torch-cuda, xla on GPU), two halves
 #   tests-bigmem      the > 2^31-element cache tests, alone on their GPU
 #   memcheck-torch, memcheck-jax   compute-sanitizer memcheck over the garbage-metadata and poison tests
+#   memcheck-mosaic   the same for the Mosaic prefill alone, over its own shapes too (fp8, MHA, head_dim 256,
+#                     64-key units): what a change to that kernel must pass (sessions 12-13, ~60 s)
 #   memcheck-xla      the same for the pure-JAX path on the GPU and its cache writes (XLA scatters: one
 #                     scatter fusion read out of bounds in session 5, benchmarks/NOTES.md v5). Session 6:
 #                     the cache writes pass; compute-sanitizer segfaults at the first attention test (NOTES v6)
@@ -62,6 +64,9 @@ step_cmd() {  # the command line of one step
     memcheck-jax) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
       --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
       -k '(jax-triton or jax-mosaic) and (garbage or nan and (mixed_small or window_mid))'" ;;
+    memcheck-mosaic) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
+      --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
+      -k 'jax-mosaic and (garbage or nan and (mixed_small or window_mid or fp8_kv_prefill or head_dim_256 or mha_prefill))'" ;;
     memcheck-xla) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
       --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_kv_cache.py \
       tests/test_poison.py -k 'xla and (not test_poison or garbage or nan and (mixed_small or window_mid))'" ;;
