@@ -294,12 +294,18 @@ def bench_fa3(w, inp: Inputs, run, mine: dict, mosaic: dict | None = None) -> li
     return rows
 
 
+def startup_buckets(impl: str) -> tuple[int, ...]:
+    """The start-up record's buckets: all eight, or for the Mosaic prefill (one kernel per bucket
+    shape, 7-11 s each) the two largest."""
+    return BUCKETS[-2:] if impl == "mosaic" else BUCKETS
+
+
 def startup_child(impl: str) -> int:
     """The first call of every bucket in this fresh process; prints one JSON line."""
     import ragged_paged_attention.triton as rt
 
     spent = [0.0]
-    if impl == "triton":  # time each Triton compile of the JAX door, disk-cache hits included
+    if impl != "xla":  # time each Triton compile of the JAX door, disk-cache hits included
         import triton
 
         def timed(*a, compile_=triton.compile, **k):
@@ -309,9 +315,10 @@ def startup_child(impl: str) -> int:
             return out
         triton.compile = timed
     firsts, counts = [], []
-    for t in BUCKETS:
-        w = wl.startup_workload(t) if impl == "triton" else wl.shrink(wl.startup_workload(t))
-        args = jax.block_until_ready(to_jax(wl.build(w, seed=t, normal=device_normal(t) if impl == "triton" else None)))
+    gpu = impl != "xla"
+    for t in startup_buckets(impl):
+        w = wl.startup_workload(t) if gpu else wl.shrink(wl.startup_workload(t))
+        args = jax.block_until_ready(to_jax(wl.build(w, seed=t, normal=device_normal(t) if gpu else None)))
         t0 = time.perf_counter()
         jax.block_until_ready(jax.jit(ours(w, impl))(*[args[k] for k in ARGS]))
         firsts.append(round(time.perf_counter() - t0, 3))
@@ -320,27 +327,40 @@ def startup_child(impl: str) -> int:
     return 0
 
 
-def startup_record(gpu: bool) -> dict:
-    impl, procs = "triton" if gpu else "xla", []
-    with tempfile.TemporaryDirectory() as cache:
+def startup_record(gpu: bool, impl: str = "triton", persistent_cache: bool = False) -> dict:
+    """Two fresh processes, one after the other, sharing an empty Triton cache (and with
+    persistent_cache, an empty JAX persistent compilation cache, every compile kept): the second
+    shows what a restarted server pays. impl: "triton", or "mosaic" (its prefill tiles in the
+    Mosaic kernel, whose own compile Mosaic GPU caches in the process only)."""
+    impl, procs = impl if gpu else "xla", []
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as jax_cache:
         env = dict(os.environ, TRITON_CACHE_DIR=cache, PYTHONPATH=os.pathsep.join(sys.path))
-        for _ in range(2):
+        if persistent_cache:
+            env.update(JAX_COMPILATION_CACHE_DIR=jax_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        for i in range(2):
             p = subprocess.run([sys.executable, __file__, "--startup-child", impl], env=env, capture_output=True,
                                text=True, timeout=1800)
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("STARTUP ")]
             if not lines:
                 return {"error": f"child exited {p.returncode}: {p.stderr[-600:]}"}
             procs.append(json.loads(lines[-1][len("STARTUP "):]))
-    (a, b), w = procs, wl.startup_workload(BUCKETS[0]) if gpu else wl.shrink(wl.startup_workload(BUCKETS[0]))
+            if i == 0:
+                jax_entries = len(os.listdir(jax_cache))
+    (a, b), t0 = procs, startup_buckets(impl)[0]
+    w = wl.startup_workload(t0) if gpu else wl.shrink(wl.startup_workload(t0))
     return {"implementation": impl if gpu else "xla (no GPU: shrunk shapes, tests the plumbing only)",
-            "buckets": list(BUCKETS), "slots": w.slots, "config": f"bf16, {w.num_q_heads}/{w.num_kv_heads} heads, "
-            f"d{w.head_dim}, page {w.page_size}, decode-heavy",
+            "buckets": list(startup_buckets(impl)), "slots": w.slots,
+            "jax_persistent_cache": persistent_cache, "jax_cache_entries_after_first": jax_entries,
+            "config": f"bf16, {w.num_q_heads}/{w.num_kv_heads} heads, d{w.head_dim}, page {w.page_size}, decode-heavy",
             "kernel_compiles_one_bucket": a["compiles"][0], "kernel_compiles_all_buckets": a["compiles"][-1],
             "first_process_s": round(sum(a["first_call_s"]), 2), "second_process_s": round(sum(b["first_call_s"]), 2),
             "first_process_compile_s": a["compile_s"], "second_process_compile_s": b["compile_s"],
             "first_call_s": {"first_process": a["first_call_s"], "second_process": b["first_call_s"]},
             "note": "compile_s: time inside triton.compile (a disk-cache hit included); process times include "
-                    "XLA's compiles, which JAX's persistent compilation cache (off by default) would keep"}
+                    "XLA's compiles, which JAX's persistent compilation cache (off by default; jax_persistent_cache: "
+                    "on in this record) keeps, and the Mosaic GPU kernels' own compiles, which jaxlib 0.11.2 keeps in the "
+                    "process only (benchmarks/NOTES.md v13)"}
 
 
 def finish(r: dict, w, ceilings: dict) -> dict:
@@ -417,7 +437,10 @@ def parse(argv) -> argparse.Namespace:
                    "(row@fp8, scales 1; x twin: against the bfloat16 cache)")
     p.add_argument("--fp8-only", action="store_true", help="only the fp8 twins of the exact-shape rows (A/B runs "
                    "of the fp8 kernel: half the time of --fp8)")
-    p.add_argument("--startup", action="store_true", help="the start-up record (two fresh processes)")
+    p.add_argument("--startup", action="store_true", help="the start-up record (two fresh processes; with "
+                   "--impl mosaic, the Mosaic prefill's two largest buckets)")
+    p.add_argument("--persistent-cache", action="store_true", help="the start-up record with JAX's persistent "
+                   "compilation cache on, shared by its two processes (what a restarted server that sets it pays)")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which the remaining workloads are skipped")
     p.add_argument("--impl", nargs="+", choices=IMPLS, help="default: triton mosaic torch on a GPU, xla elsewhere "
                    "(triton: the JAX door's default; mosaic: its Pallas Mosaic GPU prefill)")
@@ -434,7 +457,7 @@ def main(argv=None) -> int:
     impls = args.impl or (["triton", "mosaic", "torch"] if gpu else ["xla"])
     rows = [w for w in wl.suite() if any(w.name.endswith(k[:-1]) if k.endswith("$") else k in w.name
                                          for k in args.k.split("|"))]
-    if not rows:
+    if not rows and not args.startup:   # --startup -k none: the start-up record alone
         print(f"no workload name contains {args.k!r}: {[w.name for w in wl.suite()]}", file=sys.stderr)
         return 2
     if args.fp8_only:
@@ -456,7 +479,7 @@ def main(argv=None) -> int:
            "workloads": {w.name: w.describe() for w in rows}}
     if args.startup:  # first, while this process holds little of the GPU
         print("start-up record: two fresh processes ...", flush=True)
-        doc["startup"] = startup_record(gpu)
+        doc["startup"] = startup_record(gpu, (args.impl or ["triton"])[0], args.persistent_cache)
         print(json.dumps(doc["startup"]), flush=True)
     results = doc["results"] = []
     tiles = twin_tiles(device, args.page_sizes) if args.page_sizes else contextlib.nullcontext()

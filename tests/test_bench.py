@@ -185,6 +185,21 @@ def test_k_with_a_dollar_takes_the_exact_row_alone(run, tmp_path):
     assert len(names) == 2 and names[0] == "decode_b8_ctx32k" and names[1].startswith("decode_b8_ctx32k@T")
 
 
+def test_startup_record_with_the_persistent_cache(run, tmp_path):
+    """--startup --persistent-cache -k none (the record alone, as tools/gpu_run.sh runs it): both fresh
+    processes share one JAX persistent compilation cache, which the first fills (the env vars reach
+    JAX: a misspelt one would leave it empty)."""
+    path = tmp_path / "startup.json"
+    assert run.main(["--quick", "--startup", "--persistent-cache", "-k", "none", "--out", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    rec = doc["startup"]
+    assert doc["results"] == []
+    assert "error" not in rec, rec
+    assert rec["jax_persistent_cache"] is True and rec["jax_cache_entries_after_first"] > 0
+    assert rec["buckets"] == list(run.BUCKETS) and len(rec["first_call_s"]["second_process"]) == len(run.BUCKETS)
+    assert run.startup_buckets("mosaic") == run.BUCKETS[-2:]
+
+
 def test_chart_without_matplotlib_claims_no_file(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert "skipped" in run.chart({"results": []}, tmp_path / "x.png")

@@ -19,6 +19,8 @@
 #   compile           tools/compile_check.py (the full set) -> compile.json
 #   bench             benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json (+ .png)
 #   startup           benchmarks/run.py --startup -k none --out $OUT/startup.json
+#   startup-mosaic    the same for implementation="mosaic" (its two largest buckets) with JAX's persistent
+#                     compilation cache on in both processes: what a restarted server pays for the Mosaic kernels
 #   trace             tools/mosaic_trace.py (the Mosaic prefill's per-block timeline) -> trace.json
 #   llama             tools/serve_llama3.sh $LLAMA_GPUS (uses GPUs from the one given)
 #   sharded           the sharding tests on every visible GPU
@@ -74,6 +76,8 @@ step_cmd() {  # the command line of one step
     compile) echo "python3 tools/compile_check.py --jobs 16 --json $OUT/compile.json" ;;
     bench) echo "python3 benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json" ;;
     startup) echo "python3 benchmarks/run.py --startup -k none --out $OUT/startup.json" ;;
+    startup-mosaic) echo "python3 benchmarks/run.py --startup --persistent-cache --impl mosaic -k none \
+      --out $OUT/startup_mosaic.json" ;;
     trace) echo "python3 tools/mosaic_trace.py --json $OUT/trace.json" ;;
     llama) echo "OUT=$OUT tools/serve_llama3.sh ${LLAMA_GPUS:-1}" ;;
     tests-k) echo "python3 -m pytest $PYTEST_GPU -n 6 -m 'not bigmem' $GPU_FILES -k '$TEST_K' $PYTEST_ARGS" ;;
