@@ -55,7 +55,7 @@ class Loop:
 
 
 def instructions(sass: str) -> list[tuple[int, str]]:
-    """(address, text without its predicate's guard kept) of every instruction in cuobjdump's SASS."""
+    """(address, text with its predicate) of every instruction in cuobjdump's SASS."""
     out = []
     for line in sass.splitlines():
         m = _INSTR.match(line)
@@ -69,7 +69,7 @@ def _opcode(text: str) -> str:
 
 
 def loops(sass: str) -> list[Loop]:
-    """The loops of one kernel's SASS, innermost first by address order of their back edges."""
+    """The loops of one kernel's SASS, in the order of their back edges."""
     ins = instructions(sass)
     if not ins:
         return []
