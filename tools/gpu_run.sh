@@ -55,23 +55,21 @@ for d in ("jax", "jaxlib", "jax-cuda13-plugin", "triton", "torch", "flash-attn3-
 # still leaves which test failed first; faulthandler dumps the stacks of a test hung past 300 s.
 PYTEST_GPU="-v -rf -o faulthandler_timeout=300"
 GPU_FILES="tests/test_attention.py tests/test_poison.py tests/test_torch.py tests/test_kv_cache.py tests/test_jit.py tests/test_validation.py tests/test_properties.py tests/test_mosaic.py"
+# compute-sanitizer memcheck around one pytest run (the memcheck steps add the allocator setting and the tests)
+MEMCHECK="$SANITIZER --tool memcheck --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider"
 step_cmd() {  # the command line of one step
   case $1 in
     tests-a) echo "python3 -m pytest $PYTEST_GPU -n 6 -m 'not bigmem' tests/test_attention.py $PYTEST_ARGS" ;;
     tests-b) echo "python3 -m pytest $PYTEST_GPU -n 6 -m 'not bigmem' ${GPU_FILES#tests/test_attention.py } $PYTEST_ARGS" ;;
     tests-bigmem) echo "python3 -m pytest -q -m bigmem tests/test_attention.py" ;;
-    memcheck-torch) echo "JAX_PLATFORMS=cpu PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool memcheck \
-      --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
+    memcheck-torch) echo "JAX_PLATFORMS=cpu PYTORCH_NO_CUDA_MEMORY_CACHING=1 $MEMCHECK tests/test_poison.py \
       -k 'torch-cuda and (garbage or nan and (mixed_small or window_mid))'" ;;
-    memcheck-jax) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
-      --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
+    memcheck-jax) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $MEMCHECK tests/test_poison.py \
       -k '(jax-triton or jax-mosaic) and (garbage or nan and (mixed_small or window_mid))'" ;;
-    memcheck-mosaic) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
-      --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_poison.py \
+    memcheck-mosaic) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $MEMCHECK tests/test_poison.py \
       -k 'jax-mosaic and (garbage or nan and (mixed_small or window_mid or fp8_kv_prefill or head_dim_256 or mha_prefill))'" ;;
-    memcheck-xla) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $SANITIZER --tool memcheck \
-      --error-exitcode 3 --print-limit 20 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_kv_cache.py \
-      tests/test_poison.py -k 'xla and (not test_poison or garbage or nan and (mixed_small or window_mid))'" ;;
+    memcheck-xla) echo "XLA_PYTHON_CLIENT_ALLOCATOR=platform $MEMCHECK tests/test_kv_cache.py tests/test_poison.py \
+      -k 'xla and (not test_poison or garbage or nan and (mixed_small or window_mid))'" ;;
     autotune) echo "RPA_TUNING_DIR=$OUT/tuning python3 tools/autotune.py --write $AUTOTUNE_ARGS" ;;
     compile) echo "python3 tools/compile_check.py --jobs 16 --json $OUT/compile.json" ;;
     bench) echo "python3 benchmarks/run.py $BENCH_ARGS --out $OUT/bench.json" ;;
