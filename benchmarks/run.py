@@ -3,9 +3,9 @@ copy and matmul ceilings measured in the same run; server-shaped rows against th
 flash-attn3-jax beside ours (--peers); the start-up record (--startup). Nothing is written unless
 --out is given. Without a GPU: the shrunk suite through implementation="xla", a smoke test.
 
-    python benchmarks/run.py [--quick] [-k SUBSTR] [--impl triton torch xla] [--peers] [--page-sizes N ...]
-                             [--fp8 | --fp8-only]
-                             [--startup] [--out X.json]
+    python benchmarks/run.py [--quick] [-k SUBSTR[$][|...]] [--impl triton mosaic torch xla] [--peers]
+                             [--page-sizes N ...] [--fp8 | --fp8-only]
+                             [--startup [--persistent-cache]] [--out X.json]
     python -m ragged_paged_attention bench ...   (the same)
 """
 
@@ -300,6 +300,11 @@ def startup_buckets(impl: str) -> tuple[int, ...]:
     return BUCKETS[-2:] if impl == "mosaic" else BUCKETS[:2] if impl == "xla" else BUCKETS
 
 
+def startup_step(t: int, gpu: bool) -> wl.Workload:
+    """The start-up record's step in bucket t (shrunk without a GPU)."""
+    return wl.startup_workload(t) if gpu else wl.shrink(wl.startup_workload(t))
+
+
 def startup_child(impl: str) -> int:
     """The first call of every bucket in this fresh process; prints one JSON line."""
     import ragged_paged_attention.triton as rt
@@ -319,7 +324,7 @@ def startup_child(impl: str) -> int:
     if impl == "mosaic":   # a shape the Mosaic prefill cannot take would time the Triton prefill instead
         warnings.simplefilter("error", rpa.MosaicFallbackWarning)
     for t in startup_buckets(impl):
-        w = wl.startup_workload(t) if gpu else wl.shrink(wl.startup_workload(t))
+        w = startup_step(t, gpu)
         args = jax.block_until_ready(to_jax(wl.build(w, seed=t, normal=device_normal(t) if gpu else None)))
         t0 = time.perf_counter()
         jax.block_until_ready(jax.jit(ours(w, impl))(*[args[k] for k in ARGS]))
@@ -349,8 +354,7 @@ def startup_record(gpu: bool, impl: str = "triton", persistent_cache: bool = Fal
             procs.append(json.loads(lines[-1][len("STARTUP "):]))
             if i == 0:
                 jax_entries = len(os.listdir(jax_cache))
-    (a, b), t0 = procs, startup_buckets(impl)[0]
-    w = wl.startup_workload(t0) if gpu else wl.shrink(wl.startup_workload(t0))
+    (a, b), w = procs, startup_step(startup_buckets(impl)[0], gpu)
     return {"implementation": impl if gpu else "xla (no GPU: shrunk shapes, tests the plumbing only)",
             "buckets": list(startup_buckets(impl)), "slots": w.slots,
             "jax_persistent_cache": persistent_cache, "jax_cache_entries_after_first": jax_entries,
