@@ -5,7 +5,7 @@
 
 Runs the kernel once with Mosaic GPU's on-device profiler (mosaic_prefill.prefill(profile_dir=...):
 each warpgroup stamps the SM clock at the kernel's named scopes: entry, setup (Q copy and the first
-K tile's wait), stagger, the edge_lo / full / diagonal tile loops, store, store_wait,
+K tile's wait), stagger, the edge_lo / full / diagonal / partial tile loops, store, store_wait,
 zero_rows; the producer's fill and stream; branch fp8-trace's fp8 producer also stamps, per tile,
 wait (the staging copy and the ring slot) and widen (conversion, fence, refill), for K and V) and
 prints per workload:
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import workloads as wl  # noqa: E402
 from ragged_paged_attention.plan import decode_tokens  # noqa: E402
 
-CONSUMER = ("entry", "zero_rows", "setup", "stagger", "edge_lo", "full", "diagonal", "store", "store_wait")
+CONSUMER = ("entry", "zero_rows", "setup", "stagger", "edge_lo", "full", "diagonal", "partial", "store", "store_wait")
 PRODUCER = ("entry", "fill", "stream", "wait", "widen")   # wait, widen: the fp8 producer, per tile
 
 
@@ -186,7 +186,7 @@ def one(w: wl.Workload) -> dict:
             sp = wgs[w_idx]
             if "setup" not in sp or tiles[bi] <= 0:
                 continue
-            loop = sum(b - a for k in ("edge_lo", "full", "diagonal") for a, b in sp.get(k, []))
+            loop = sum(b - a for k in ("edge_lo", "full", "diagonal", "partial") for a, b in sp.get(k, []))
             x.append(tiles[bi])
             y_all.append(loop)
         if len(x) > 2:

@@ -348,7 +348,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
 
                 pl.when(wg == 1)(jax.named_scope("stagger")(schedule_barrier))
 
-                def step(t, carry, masked: bool):
+                def step(t, carry, masked: str | None):
                     acc, m_i, l_i = carry
                     i = t - t_lo
                     slot = lax.rem(i, jnp.int32(stages))
@@ -365,7 +365,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     else:
                         scale = kq
                     if masked:
-                        s = mask(s, t)
+                        s = mask(s, t, masked)
                     m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
                     p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     alpha = jnp.exp2(m_i - m_new)
@@ -384,7 +384,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     else:
                         end_softmax()
                         l_i = l_i + p.sum(axis=1)
-                    if masked:
+                    if masked == "partial":   # only the partial unit's tile copies slots past kv_len
                         zero_tail_values(t, slot)
 
                     def pv(acc_ref):
@@ -419,10 +419,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 # with <= 7 slots past kv_len): it takes the per-score mask; -1: none.
                 t_part = jnp.where(kv_len % cu != 0, (kv_len - 1) // block_kv, -1)
 
-                def mask(s, t):
+                def mask(s, t, kind: str):
                     """-inf where a score's key is not visible (before scale: scale > 0). Column c
-                    holds key t * block_kv + c except in a partial last unit (t == t_part), whose
-                    columns are shifted by sh."""
+                    holds key t * block_kv + c except in a partial last unit (kind "partial": the
+                    tile t_part), whose columns are shifted by sh."""
                     last = kv_len - 1 - t * block_kv      # the last key's column (any value)
                     diag = tok0 + pos_off - t * block_kv  # row r sees columns <= r + diag (causal)
 
@@ -450,22 +450,29 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         if window is not None:
                             ok = ok & (d > diag - window)
                         return jnp.where(ok, s, -jnp.inf)
-                    return lax.cond(t == t_part, per_score, bounds, s)
+                    return per_score(s) if kind == "partial" else bounds(s)
 
-                masked_step = functools.partial(step, masked=True)
-                plain_step = functools.partial(step, masked=False)
+                masked_step = functools.partial(step, masked="bounds")
+                plain_step = functools.partial(step, masked=None)
+                partial_step = functools.partial(step, masked="partial")
                 carry = (acc, m_i, l_i)
                 # Tiles below the window's edge, full tiles, then the causal diagonal: masks only on edges.
                 e1 = jnp.minimum(t_hi, full_lo)
                 f0 = jnp.maximum(t_lo, full_lo)
                 f1 = jnp.minimum(t_hi, full_hi)
                 e2 = jnp.maximum(f0, full_hi)
+                # The tile of a partial last unit is always the block's last (a block's last row is
+                # at most its sequence's last key): it runs alone, last, with the per-score mask (a
+                # lax.cond in every masked tile cost ~2 s of the first call: NOTES v12).
+                t_end = t_hi - jnp.where((t_part == t_hi - 1) & (n_tiles > 0), 1, 0)
                 with jax.named_scope("edge_lo"):
-                    carry = lax.fori_loop(t_lo, e1, masked_step, carry)
+                    carry = lax.fori_loop(t_lo, jnp.minimum(e1, t_end), masked_step, carry)
                 with jax.named_scope("full"):
-                    carry = lax.fori_loop(f0, f1, plain_step, carry)
+                    carry = lax.fori_loop(f0, jnp.minimum(f1, t_end), plain_step, carry)
                 with jax.named_scope("diagonal"):
-                    carry = lax.fori_loop(e2, t_hi, masked_step, carry)
+                    carry = lax.fori_loop(e2, t_end, masked_step, carry)
+                with jax.named_scope("partial"):
+                    carry = lax.fori_loop(t_end, t_hi, partial_step, carry)
                 acc, m_i, l_i = carry
                 # The arrival warpgroup 1's last softmax waits for (it began one turn late); warpgroup 0
                 # has no matrix work left to order, so it stores without waiting for that turn.
