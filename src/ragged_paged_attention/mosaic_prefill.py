@@ -465,8 +465,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 # at most its sequence's last key): it runs alone, last, with the per-score mask (a
                 # lax.cond in every masked tile cost ~2 s of the first call: NOTES v12).
                 t_end = t_hi - jnp.where((t_part == t_hi - 1) & (n_tiles > 0), 1, 0)
-                with jax.named_scope("edge_lo"):
-                    carry = lax.fori_loop(t_lo, jnp.minimum(e1, t_end), masked_step, carry)
+                if window is not None:   # without a window no tile is below its edge (e1 = 0):
+                    # the loop would never run, and its body would cost compile time (a whole
+                    # step body)
+                    with jax.named_scope("edge_lo"):
+                        carry = lax.fori_loop(t_lo, jnp.minimum(e1, t_end), masked_step, carry)
                 with jax.named_scope("full"):
                     carry = lax.fori_loop(f0, jnp.minimum(f1, t_end), plain_step, carry)
                 with jax.named_scope("diagonal"):
