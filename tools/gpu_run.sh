@@ -26,6 +26,8 @@
 #   sharded           the sharding tests on every visible GPU
 #   tests-k           the GPU test files, only tests matching \$TEST_K
 # Environment: BENCH_ARGS, AUTOTUNE_ARGS, PYTEST_ARGS, TEST_K, STEP_TIMEOUT (seconds per step, default 540), LLAMA_GPUS.
+# They are expanded unquoted in the step's shell line: quote a -k pattern inside them, BENCH_ARGS="--quick -k 'a|b'"
+# (an unquoted | became a pipe: session 14).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for logs and results}"
