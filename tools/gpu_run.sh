@@ -25,9 +25,17 @@
 #   llama             tools/serve_llama3.sh $LLAMA_GPUS (uses GPUs from the one given)
 #   sharded           the sharding tests on every visible GPU
 #   tests-k           the GPU test files, only tests matching \$TEST_K
-# Environment: BENCH_ARGS, AUTOTUNE_ARGS, PYTEST_ARGS, TEST_K, STEP_TIMEOUT (seconds per step, default 540), LLAMA_GPUS.
-# They are expanded unquoted in the step's shell line: quote a -k pattern inside them, BENCH_ARGS="--quick -k 'a|b'"
-# (an unquoted | became a pipe: session 14).
+#   alternate         tools/alternate.py run over \$ALT_TREES (source trees from `tools/alternate.py prepare`,
+#                     in the order to run, e.g. "_alt/main _alt/x _alt/main _alt/x"), benchmarks/run.py
+#                     -k "\$ALT_K" \$ALT_ARGS (default --impl mosaic), each run cut at \$ALT_TIMEOUT s (150);
+#                     the runs go to $OUT/alt/, their table ends the log (alternate.py prints it)
+#   ptx               the Mosaic prefill's PTX and ptxas report for row \$PTX_ROW (default prefill_b8_2k) of
+#                     each tree in \$PTX_TREES (default ".", the checked-out one) -> $OUT/ptx/<tree>/;
+#                     read them here with tools/sass_loops.py
+# Environment: BENCH_ARGS, AUTOTUNE_ARGS, PYTEST_ARGS, TEST_K, ALT_TREES, ALT_K, ALT_ARGS, ALT_TIMEOUT, PTX_TREES,
+# PTX_ROW, STEP_TIMEOUT (seconds per step, default 540), LLAMA_GPUS. The *_ARGS are expanded unquoted in the
+# step's shell line: quote a -k pattern inside them, BENCH_ARGS="--quick -k 'a|b'" (an unquoted | became a
+# pipe: session 14); TEST_K, ALT_K and PTX_ROW are quoted by the step.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for logs and results}"
@@ -41,6 +49,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 unset TRITON_INTERPRET
 : "${STEP_TIMEOUT:=540}" "${PYTEST_ARGS:=}" "${BENCH_ARGS:=}" "${AUTOTUNE_ARGS:=}" "${TEST_K:=}"
+: "${ALT_TREES:=}" "${ALT_K:=}" "${ALT_ARGS:=--impl mosaic}" "${ALT_TIMEOUT:=150}" "${PTX_TREES:=.}" "${PTX_ROW:=prefill_b8_2k}"
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 
 {
@@ -82,6 +91,12 @@ step_cmd() {  # the command line of one step
     llama) echo "OUT=$OUT tools/serve_llama3.sh ${LLAMA_GPUS:-1}" ;;
     tests-k) echo "python3 -m pytest $PYTEST_GPU -n 6 -m 'not bigmem' $GPU_FILES -k '$TEST_K' $PYTEST_ARGS" ;;
     sharded) echo "python3 -m pytest -q -o addopts= tests/test_sharding.py" ;;
+    alternate) echo "python3 tools/alternate.py run --timeout $ALT_TIMEOUT --out $OUT/alt $ALT_TREES -- \
+      -k '$ALT_K' $ALT_ARGS" ;;
+    ptx) echo "for t in $PTX_TREES; do d=$OUT/ptx/\$(basename \$(realpath \$t)); mkdir -p \$d; \
+      (cd \$t && MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=\$d PYTHONPATH=\$PWD/src:\$PYTHONPATH \
+      python3 $PWD/benchmarks/run.py --quick -k '$PTX_ROW\$' --impl mosaic --out \$d/run.json) >\$d/log.txt 2>&1; \
+      find \$d -name '*.mlir-passes.log' -delete; echo \$t: \$(ls \$d | grep -c '\.ptx\$') PTX files; done" ;;
     *) return 1 ;;
   esac
 }

@@ -3,7 +3,8 @@
     python tools/sass_loops.py KERNEL.ptx [KERNEL2.ptx ...] [--arch sm_90a] [--sass-out DIR]
 
 The Mosaic prefill's PTX comes from one device call with MOSAIC_GPU_DUMP_PTX=1 and
-MOSAIC_GPU_DUMP_TO=dir (keep the .ptx, ~200 KB; drop the ~150 MB .mlir-passes.log). This machine
+MOSAIC_GPU_DUMP_TO=dir (keep the .ptx, ~200 KB; drop the ~150 MB .mlir-passes.log): the `ptx` step
+of tools/gpu_run.sh does that per source tree. This machine
 has no CUDA toolkit, but Triton's wheel carries ptxas and cuobjdump: the PTX is assembled with
 them (`ptxas -v`, whose spill report comes first in the output) and disassembled. Mosaic GPU on
 the GPU machine writes PTX ISA 9.0, newer than Triton 3.6's ptxas (12.8) accepts: the version is
