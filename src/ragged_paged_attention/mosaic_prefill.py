@@ -676,8 +676,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
             # The profiler's buffer (64 entries per warpgroup and block: a 3-entry header, then 2 per
-            # event, 4 per scope, so the first 15 scopes; later ones are dropped): where it does not fit beside
-            # the kernel's shared memory (224 KB: fp8 at head_dim 128, fp8 MHA at 64), Mosaic GPU
-            # refuses it at lowering (tests/test_mosaic.py).
+            # event, 4 per scope, so the first 15 scopes; later ones are dropped): where it does not
+            # fit beside the kernel's shared memory (224 KB: fp8 at head_dim 128, fp8 MHA at 64),
+            # Mosaic GPU refuses it at lowering (tests/test_mosaic.py).
             **(dict(profile_space=64, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),
     )(queries, kv_pages, block_tables, slots, sink_ml)
