@@ -228,13 +228,16 @@ BASE_CASES = [
     _c("mha", [(1, 40), (6, 25), (11, 11)], num_q_heads=4, num_kv_heads=4),
     _c("gqa8", [(1, 40), (6, 25), (11, 11)], num_q_heads=16, num_kv_heads=2),
     _c("mqa", [(1, 40), (6, 25), (11, 11)], num_q_heads=8, num_kv_heads=1),
-    # MHA with prefill blocks (the mha case's are decode-sized; the Mosaic prefill's two-KV-head
-    # blocks), a window and sinks
+    # MHA with prefill blocks (the mha case's are decode-sized; the Mosaic prefill's 128-token
+    # blocks, 64 rows a warpgroup), a window and sinks
     _c("mha_prefill", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=4, sliding_window=150,
        sinks="q_heads", interpret=False),
     # 208 rows (a multiple of 8): the Mosaic prefill's whole 64-row blocks leave through its swizzled view
     _c("mha_prefill_d128", [(129, 300), (70, 70), (1, 50)], num_q_heads=4, num_kv_heads=4, head_dim=128,
        soft_cap=30.0, extra_tokens=8, interpret=False),
+    # MHA at head_dim 256 (Gemma-7B's shape), pages of 64: 64-key tiles of one KV head a block
+    _c("mha_prefill_d256", [(129, 200), (70, 75)], num_q_heads=2, num_kv_heads=2, head_dim=256,
+       page_size=64, sliding_window=100, interpret=False),
     _c("gqa8_decode", [(1, 40), (1, 100), (1, 3)], num_q_heads=8, num_kv_heads=1, extra_tokens=0),
     # head dims (80: not a power of two)
     _c("head_dim_80", [(1, 40), (6, 25)], head_dim=80),

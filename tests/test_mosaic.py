@@ -23,6 +23,7 @@ import pytest
 import ragged_paged_attention as rpa
 from ragged_paged_attention import mosaic_prefill as mp
 from ragged_paged_attention.plan import MOSAIC_BLOCK_Q as BQ
+from ragged_paged_attention.plan import mosaic_block_rows
 
 DEC_Q = 4
 
@@ -41,22 +42,24 @@ def _model(qsl, num_seqs, t, s):
     return rows, dead
 
 
-def _check(qsl, ctx, num_seqs, t, s, width=64, page=16):
+def _check(qsl, ctx, num_seqs, t, s, bq, width=64, page=16):
     tab = np.asarray(mp.slot_table(jnp.asarray(qsl, jnp.int32), jnp.asarray(ctx, jnp.int32),
                                    jnp.asarray([num_seqs], jnp.int32), total_tokens=t, pages_per_seq=width,
-                                   page_size=page, dec_q=DEC_Q))
-    assert tab.shape == (t // BQ + s, mp.SLOT_COLUMNS)
+                                   page_size=page, dec_q=DEC_Q, block_q=bq))
+    assert tab.shape == (t // bq + s, mp.SLOT_COLUMNS)
     want_rows, want_dead = _model(qsl, num_seqs, t, s)
     got_rows, got_dead = {}, []
-    for seq, tok0, v0, n, kv_len, pos_off, za0, za_n, zb0, zb_n in tab.tolist():
-        assert 0 <= za_n <= BQ and 0 <= zb_n <= BQ
+    for b, (seq, tok0, v0, n, kv_len, pos_off, za0, za_n, zb0, zb_n) in enumerate(tab.tolist()):
+        assert 0 <= za_n <= bq and 0 <= zb_n <= bq
+        # The dead ranges sit at the ends of the slot's chunk (the MHA kernel splits them by half)
+        assert za0 == min(bq * b, t) and (zb_n == 0 or zb0 + zb_n == min(bq * (b + 1), t))
         assert 0 <= za0 and za0 + za_n <= t and 0 <= zb0 and zb0 + zb_n <= t
         got_dead += list(range(za0, za0 + za_n)) + list(range(zb0, zb0 + zb_n))
         if seq < 0:
             continue
         assert 0 <= seq < s
         assert tok0 % 8 == 0 and 0 <= tok0 < t, "Q copies move whole 8-row groups"
-        assert 0 <= v0 < 8 and 0 < n <= BQ - v0
+        assert 0 <= v0 < 8 and 0 < n <= bq - v0
         assert tok0 + v0 + n <= t
         assert 0 <= kv_len <= width * page
         assert pos_off == kv_len - qsl[seq + 1]
@@ -67,22 +70,24 @@ def _check(qsl, ctx, num_seqs, t, s, width=64, page=16):
     assert sorted(got_dead) == sorted(want_dead), "each row of no sequence zeroed exactly once"
 
 
+@pytest.mark.parametrize("bq", [BQ, 2 * BQ])   # 128: MHA's blocks (plan.mosaic_block_rows)
 @pytest.mark.parametrize("seed", range(12))
-def test_slot_table_covers_every_row_once(seed):
+def test_slot_table_covers_every_row_once(seed, bq):
     rng = np.random.default_rng(seed)
     s = int(rng.integers(1, 12))
-    lens = rng.choice([0, 1, 3, 5, 8, 63, 64, 65, 130, 200], size=s)
+    lens = rng.choice([0, 1, 3, 5, 8, 63, 64, 65, 127, 128, 129, 130, 200, 257], size=s)
     n = int(rng.integers(0, s + 1))
     lens[n:] = 0
     start = int(rng.integers(0, 9))
     qsl = np.concatenate([[0], np.cumsum(lens)]) + start
     t = int(qsl[-1] + rng.integers(0, 70))
     ctx = lens + rng.integers(0, 500, size=s)
-    _check(qsl.tolist(), ctx.tolist(), n, t, s)
+    _check(qsl.tolist(), ctx.tolist(), n, t, s, bq)
 
 
+@pytest.mark.parametrize("bq", [BQ, 2 * BQ])
 @pytest.mark.parametrize("kind", ["decreasing_qsl", "qsl_past_tokens", "num_seqs_past_slots", "negative"])
-def test_slot_table_in_bounds_for_garbage(kind):
+def test_slot_table_in_bounds_for_garbage(kind, bq):
     """Garbage metadata: every block still reads and writes inside the arrays (the sequences' rows
     may be wrong, never out of range)."""
     s, t, width, page = 5, 300, 8, 16
@@ -99,7 +104,7 @@ def test_slot_table_in_bounds_for_garbage(kind):
         qsl, ctx, n = -qsl, -ctx, -2
     tab = np.asarray(mp.slot_table(jnp.asarray(qsl, jnp.int32), jnp.asarray(ctx, jnp.int32),
                                    jnp.asarray([n], jnp.int32), total_tokens=t, pages_per_seq=width,
-                                   page_size=page, dec_q=DEC_Q))
+                                   page_size=page, dec_q=DEC_Q, block_q=bq))
     live = tab[tab[:, 0] >= 0]
     assert (live[:, 0] < s).all()
     assert ((live[:, 1] >= 0) & (live[:, 1] % 8 == 0) & (live[:, 1] + live[:, 2] + live[:, 3] <= t)).all()
@@ -120,7 +125,7 @@ def test_sink_table():
     assert (none[:, 0] == mp.NEG).all() and (none[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("what", ["float32", "mha_d256", "odd_group", "head_dim_80", "page_size_4",
+@pytest.mark.parametrize("what", ["float32", "odd_group", "head_dim_80", "page_size_4",
                                   "fp8_d256", "compute_float32", "tile_knobs", "scale_zero", "scale_negative"])
 def test_mosaic_falls_back_to_triton_saying_why(what):
     """implementation="mosaic" on a call the kernel cannot serve: the Triton prefill, and a warning
@@ -129,13 +134,13 @@ def test_mosaic_falls_back_to_triton_saying_why(what):
     from ragged_paged_attention.validate import Dims
 
     kw = dict(h=8, kvh=2, d=64, page=16, q="bfloat16", kv="bfloat16", compute="bfloat16")
-    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"), "mha_d256": dict(kvh=8, d=256),
+    kw.update({"float32": dict(q="float32", kv="float32", compute="float32"),
                "odd_group": dict(h=6), "head_dim_80": dict(d=80), "page_size_4": dict(page=4),
                "fp8_d256": dict(kv="float8_e4m3fn", d=256),
                "compute_float32": dict(compute="float32"),
                "tile_knobs": {}, "scale_zero": dict(scale=0.0), "scale_negative": dict(scale=-0.125)}[what])
     dims = Dims(64, kw["h"], kw["d"], 32, kw["page"], kw["kvh"], 4, 8)
-    reason = {"float32": "both bfloat16", "mha_d256": "MHA", "odd_group": "even group size",
+    reason = {"float32": "both bfloat16", "odd_group": "even group size",
               "head_dim_80": "head_dim 64, 128 and 256", "page_size_4": "multiple of 8",
               "fp8_d256": "fp8 cache at head_dim 64 and 128",
               "compute_float32": "both bfloat16",
@@ -165,6 +170,8 @@ def test_mosaic_chosen_only_when_asked():
         assert prefill_kernel("mosaic", mha_d128, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
         gqa_d256 = Dims(64, 8, 256, 32, 16, 4, 4, 8)
         assert prefill_kernel("mosaic", gqa_d256, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
+        mha_d256 = Dims(64, 8, 256, 32, 16, 8, 4, 8)
+        assert prefill_kernel("mosaic", mha_d256, "bfloat16", "bfloat16", "bfloat16", arch=90) == "mosaic"
         assert prefill_kernel("mosaic", dims, "bfloat16", "float8_e4m3fn", "bfloat16", arch=90) == "mosaic"
         assert prefill_kernel("mosaic", mha_d128, "bfloat16", "float8_e4m3fn", "bfloat16", arch=90) == "mosaic"
 
@@ -185,13 +192,14 @@ needs_tested_jax = pytest.mark.skipif(
     (2048, 128, 16, 500, 30.0, True, 4, "bfloat16", "bfloat16"),         # every feature
     (256, 64, 64, None, None, True, 4, "bfloat16", "bfloat16"),          # head_dim 64, 64-row pages
     (64, 128, 256, 33, None, False, 4, "bfloat16", "bfloat16"),          # pages larger than the key tile
-    (2048, 64, 16, 500, 30.0, True, 16, "bfloat16", "bfloat16"),         # MHA (head_dim 64): two KV heads a block, all
+    (2048, 64, 16, 500, 30.0, True, 16, "bfloat16", "bfloat16"),         # MHA (head_dim 64): 128-token blocks, all
     (512, 256, 16, 300, 50.0, True, 8, "bfloat16", "bfloat16"),          # head_dim 256: 64-key tiles, O in Q's bytes
-    (512, 128, 16, 300, 30.0, True, 16, "bfloat16", "bfloat16"),         # MHA at head_dim 128: two heads' 64-key tiles
+    (512, 128, 16, 300, 30.0, True, 16, "bfloat16", "bfloat16"),         # MHA at head_dim 128: 128-key tiles too
+    (200, 256, 64, 90, None, False, 16, "bfloat16", "bfloat16"),         # MHA at head_dim 256 (untiled stores)
     (512, 128, 16, 300, 30.0, True, 4, "float8_e4m3fn", "bfloat16"),     # fp8 cache: staged, widened by the producer
     (256, 64, 16, None, None, False, 4, "float8_e4m3fn", "bfloat16"),    # fp8 at head_dim 64 (64-byte rows)
     (256, 64, 16, 100, None, True, 16, "float8_e4m3fn", "bfloat16"),     # fp8 MHA
-    (256, 128, 16, 100, None, False, 16, "float8_e4m3fn", "bfloat16"),   # fp8 MHA at 128 (224 KB)
+    (256, 128, 16, 100, None, False, 16, "float8_e4m3fn", "bfloat16"),   # fp8 MHA at 128 (O in Q)
     (256, 128, 16, None, 30.0, False, 4, "float8_e4m3fn", "float16"),    # fp8, float16 queries (no Q conversion)
 ])
 def test_kernel_lowers_for_cuda(t, d, page, window, cap, sinks, kvh, kv, q):
@@ -207,7 +215,8 @@ def _export_prefill(t, d, page, window, cap, sinks, kvh, kv, q, **kw):
     fp8 = kv == "float8_e4m3fn"
 
     def f(q, kv, bt, qsl, ctx, n, aux):
-        slots = mp.slot_table(qsl, ctx, n, total_tokens=t, pages_per_seq=width, page_size=page, dec_q=DEC_Q)
+        slots = mp.slot_table(qsl, ctx, n, total_tokens=t, pages_per_seq=width, page_size=page, dec_q=DEC_Q,
+                              block_q=mosaic_block_rows(h // kvh))
         scales = (jnp.full((1,), 0.5), jnp.full((1,), 2.0)) if fp8 else (None, None)
         return mp.prefill(q, kv, bt, slots, mp.sink_table(aux if sinks else None, h, *scales), num_kv_heads=kvh,
                           page_size=page, sm_scale=0.125, soft_cap=cap, window=window, dec_q=DEC_Q, **kw)
@@ -217,10 +226,10 @@ def _export_prefill(t, d, page, window, cap, sinks, kvh, kv, q, **kw):
 
 
 @needs_tested_jax
-@pytest.mark.parametrize("d, kvh, fits", [(64, 4, True), (128, 4, False), (64, 16, False)])
+@pytest.mark.parametrize("d, kvh, fits", [(64, 4, True), (128, 4, False), (64, 16, True), (128, 16, False)])
 def test_profiler_lowers_where_its_buffer_fits(d, kvh, fits, tmp_path):
-    """tools/mosaic_trace.py --fp8: the profiler's buffer fits beside fp8 GQA at head_dim 64 (192 KB);
-    at head_dim 128 and under MHA at 64 (224 KB) Mosaic GPU refuses it."""
+    """tools/mosaic_trace.py --fp8: the profiler's buffer fits beside an fp8 cache at head_dim 64
+    (192 KB, MHA too: its blocks read one KV head); at head_dim 128 (224 KB) Mosaic GPU refuses it."""
     # The profiler dumps its buffer through a host callback, which jax.export cannot serialise (a
     # ValueError on a CPU machine, NotImplementedError beside a GPU): that error comes after the
     # kernel, and its shared-memory check, lowered.
@@ -261,7 +270,8 @@ def test_as_torch_kernel_runs_the_prefill_on_torch_tensors(name):
     t, h, d = batch.queries.shape
     slots = mp.slot_table(jnp.asarray(batch.query_start_loc), jnp.asarray(batch.context_lens),
                           jnp.asarray([batch.num_seqs], jnp.int32), total_tokens=t,
-                          pages_per_seq=batch.block_tables.shape[1], page_size=case.page_size, dec_q=DEC_Q)
+                          pages_per_seq=batch.block_tables.shape[1], page_size=case.page_size, dec_q=DEC_Q,
+                          block_q=mosaic_block_rows(h // case.num_kv_heads))
     sinks = None if batch.softmax_aux is None else sink_logits(jnp.asarray(batch.softmax_aux), h, case.num_kv_heads)
     kernel = functools.partial(
         mp.prefill, num_kv_heads=case.num_kv_heads, page_size=case.page_size,

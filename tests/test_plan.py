@@ -151,8 +151,8 @@ def test_write_plan_sizes_are_run_time():
 
 
 def test_mosaic_prefill_replaces_only_the_first_launch():
-    """prefill="mosaic": the first launch is the Mosaic GPU kernel over (head pairs, 64-token slots);
-    the decode and merge launches are the Triton plan's, unchanged."""
+    """prefill="mosaic": the first launch is the Mosaic GPU kernel over (head pairs, 64-token slots;
+    under MHA heads, 128-token slots); the decode and merge launches are the Triton plan's, unchanged."""
     from ragged_paged_attention.plan import MOSAIC_BLOCK_Q, MOSAIC_PREFILL, mosaic_config
 
     d = dims(512, 64)
@@ -160,6 +160,9 @@ def test_mosaic_prefill_replaces_only_the_first_launch():
     first = mosaic.launches[0]
     assert first.kernel == MOSAIC_PREFILL and first.outputs == ("out",)
     assert first.grid == (32 // 2, 512 // MOSAIC_BLOCK_Q + 64)
+    # MHA: one head a block, 128 tokens (64 a consumer warpgroup)
+    mha = plan_for(dims(512, 64, kv_heads=32), prefill="mosaic").launches[0]
+    assert mha.grid == (32, 512 // (2 * MOSAIC_BLOCK_Q) + 64)
     c = first.constexpr_dict
     assert (c["WINDOW"], c["SOFT_CAP"], c["SINKS"], c["BLOCK_KV"]) == (100, 30.0, False, mosaic_config(128)[0])
     assert mosaic.launches[1:] == plan_for(d, sliding_window=100, logits_soft_cap=30.0).launches[1:]

@@ -20,7 +20,7 @@ from test_attention import check_result
 
 POISON_CASES = ["mixed_small", "decode_small", "window_lt_page", "window_mid_small", "sinks_window_softcap",
                 "page_size_1", "zero_length", "decode_window_softcap", "page_size_128_window", "mha_prefill",
-                "head_dim_256_prefill", "head_dim_256_page_64", "mha_prefill_d128", "fp8_kv_prefill"]
+                "head_dim_256_prefill", "head_dim_256_page_64", "mha_prefill_d128", "mha_prefill_d256", "fp8_kv_prefill"]
 
 
 def _skip(backend_name: str, case: Case):

@@ -86,7 +86,7 @@ def tiles_per_block(w: wl.Workload, tab: np.ndarray, n_hp: int, grid: tuple[int,
     table's row slots - 1 - s, y the head pair); per table row when grid is empty."""
     from ragged_paged_attention.plan import mosaic_config
 
-    block_kv, _ = mosaic_config(w.head_dim, w.num_q_heads // w.num_kv_heads)
+    block_kv, _ = mosaic_config(w.head_dim)
     seq, tok0, v0, rows, pos_off = tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], tab[:, 5]
     first = tok0 + v0 + pos_off
     hi = np.maximum(first + rows, 0)
@@ -118,6 +118,7 @@ def one(w: wl.Workload) -> dict:
     import jax
     import jax.numpy as jnp
     from ragged_paged_attention import mosaic_prefill as mp
+    from ragged_paged_attention.plan import mosaic_block_rows, mosaic_grid
     from ragged_paged_attention.reference import sink_logits
 
     d = wl.build(w, seed=0)
@@ -127,7 +128,8 @@ def one(w: wl.Workload) -> dict:
     slots = mp.slot_table(jnp.asarray(d["query_start_loc"], jnp.int32), jnp.asarray(d["context_lens"], jnp.int32),
                           jnp.asarray([d["num_seqs"]], jnp.int32), total_tokens=w.padded_tokens,
                           pages_per_seq=w.pages_per_seq, page_size=w.page_size,
-                          dec_q=decode_tokens(w.num_q_heads // w.num_kv_heads))
+                          dec_q=decode_tokens(w.num_q_heads // w.num_kv_heads),
+                          block_q=mosaic_block_rows(w.num_q_heads // w.num_kv_heads))
     sinks = None
     if w.sinks:
         sinks = sink_logits(jnp.asarray(d["softmax_aux"], jnp.float32), w.num_q_heads, w.num_kv_heads)
@@ -148,7 +150,7 @@ def one(w: wl.Workload) -> dict:
         restore()
     raw, grid, block, names, entries = got[-1]
     blocks = parse(raw, grid, block, names, entries)
-    n_hp = w.num_q_heads // 2
+    n_hp = mosaic_grid(w.num_q_heads, w.num_q_heads // w.num_kv_heads, 0, 0)[0]
     tiles = tiles_per_block(w, np.asarray(slots), n_hp, grid)
     # Per SM, blocks in clock order: [first stamp, last stamp] of each (any warpgroup).
     per_sm = {}

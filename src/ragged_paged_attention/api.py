@@ -136,7 +136,7 @@ def ragged_page_attention_v2(
       implementation: "auto" (the Triton kernels on NVIDIA GPUs, pure JAX elsewhere), "triton",
         "mosaic" (the prefill tiles in Pallas Mosaic GPU, the decode in Triton: Hopper, jax 0.11.2+,
         bf16/fp16 with a cache of that dtype or fp8 (not at head_dim 256), head_dim 64/128/256,
-        even group size or MHA at head_dim 64/128, softmax_scale > 0; a call it cannot
+        even group size or MHA, softmax_scale > 0; a call it cannot
         serve runs the Triton prefill with a MosaicFallbackWarning saying why; README: "The
         Mosaic GPU prefill") or "xla" (pure JAX).
       check_inputs: run the value checks (index ranges, q_len <= kv_len, scales, ...) when the

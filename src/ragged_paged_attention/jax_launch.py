@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import triton as rpa_triton
-from .plan import MOSAIC_PREFILL, Plan
+from .plan import MOSAIC_PREFILL, Plan, mosaic_block_rows
 
 TARGET = "triton_kernel_call_ffi"
 # (lowest, first unsupported) versions of the GPU path; checked at first use.
@@ -158,7 +158,8 @@ def _mosaic_prefill(launch, env: dict) -> jax.Array:
     queries, block_tables = env["queries"], env["block_tables"]
     t, h, _ = queries.shape
     slots = mp.slot_table(env["query_start_loc"], env["context_lens"], env["num_seqs"], total_tokens=t,
-                          pages_per_seq=block_tables.shape[1], page_size=c["PAGE_SIZE"], dec_q=c["DEC_Q"])
+                          pages_per_seq=block_tables.shape[1], page_size=c["PAGE_SIZE"], dec_q=c["DEC_Q"],
+                          block_q=mosaic_block_rows(h // c["NUM_KV_HEADS"]))
     sinks = sink_logits(env["sinks"], h, c["NUM_KV_HEADS"]) if c["SINKS"] else None
     scales = (env["k_scale"], env["v_scale"]) if c["KV_FP8"] else (None, None)
     return mp.prefill(queries, env["kv_pages"], block_tables, slots, mp.sink_table(sinks, h, *scales),

@@ -1,7 +1,7 @@
 """Warp-specialised prefill for Hopper (sm_90) in Pallas Mosaic GPU: the JAX door's prefill tiles.
 
-One CUDA block per (query-block slot, pair of query heads of one KV head, or of two KV heads
-under MHA), three warpgroups:
+One CUDA block per (query-block slot, pair of query heads of one KV head; under MHA one head),
+three warpgroups:
 
 - a producer warpgroup (40 registers), each warp issuing every fourth copy unit, streams the sequence's
   K and V tiles of BLOCK_KV keys into a ring of STAGES shared-memory buffers with TMA, one copy per
@@ -21,9 +21,10 @@ under MHA), three warpgroups:
   copy unit), and its four warps widen them to float16 into the ring (k_scale folds into the
   logits' scale, v_scale into the output's).
 - two consumer warpgroups (232 registers each; 224 with an fp8 cache) take the same 64 query tokens
-  of two query heads of that KV head (both read every K/V tile once), compute S = Q K^T and O += P
-  V on the matrix units (wgmma) with an online softmax in the log2 domain, and take turns on the
-  matrix units through a schedule barrier (one's softmax overlaps the other's matrix products).
+  of two query heads of that KV head, or under MHA (one query head per KV head) 64 tokens each of
+  the block's 128 tokens of one head (FlashAttention-3's split); both read every K/V tile once,
+  compute S = Q K^T and O += P V on the matrix units (wgmma) with an online softmax in the log2
+  domain, and take turns on the matrix units through a schedule barrier (one's softmax overlaps the other's matrix products).
   Masked tiles (the causal diagonal, the window's edge) compare each score's column with its row's
   visible interval; only the tile holding a partial last copy unit (shifted, see above) takes the
   per-score mask.
@@ -51,12 +52,11 @@ and the dead blocks of a large bucket cost (benchmarks/NOTES.md v4). ``unsupport
 call cannot take it: it needs sm_90, a JAX version it was run with (TESTED_JAX; jax 0.12 fails to
 lower it), queries and compute dtype both bfloat16 or both float16 and the cache the same or
 float8_e4m3fn (fp8: not at head_dim 256), head_dim 64, 128 or 256 (256: 64-key tiles), an even
-number of query heads per KV head or one (MHA at head_dim 64 or 128: a block's two query heads
-then read two KV heads, whose K/V tiles share each ring stage and its barrier), and a page size
-that is a multiple of 8 and divides or is a multiple of the key tile (128 keys; 64 at head_dim 256
-and for MHA at 128).
+number of query heads per KV head or one (MHA: 128-token blocks, plan.mosaic_block_rows), and a
+page size that is a multiple of 8 and divides or is a multiple of the key tile (128 keys; 64 at
+head_dim 256).
 Where Q, the ring (and an fp8 cache's staging tiles) and the output buffers would not fit a block's
-shared memory (head_dim 256; an fp8 cache at head_dim 128, MHA too), the output buffers reuse Q's.
+shared memory (head_dim 256; an fp8 cache at head_dim 128), the output buffers reuse Q's.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .plan import MOSAIC_BLOCK_Q as BLOCK_Q
+from .plan import mosaic_grid
 from .plan import mosaic_config as config
 
 LOG2E = math.log2(math.e)
@@ -122,13 +123,10 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
     if kv_dtype == "float8_e4m3fn" and head_dim > 128:
         return ("the Mosaic GPU prefill takes an fp8 cache at head_dim 64 and 128: at 256 its two fp8 "
                 "staging tiles do not fit beside the ring in shared memory")
-    if group == 1 and head_dim > 128:
-        return ("the Mosaic GPU prefill runs one query head per KV head (MHA) at head_dim 64 and 128: two "
-                f"heads' K/V tiles of head_dim {head_dim} leave no second ring stage in shared memory")
     if group % 2 and group != 1:
         return ("the Mosaic GPU prefill pairs query heads of one KV head: needs an even group size "
                 f"(or 1: MHA), got {group}")
-    block_kv, _ = config(head_dim, group)
+    block_kv, _ = config(head_dim)
     if page_size % 8 or (block_kv % page_size and page_size % block_kv):
         return (f"the Mosaic GPU prefill copies whole pages of a multiple of 8 rows that divide or are a "
                 f"multiple of its {block_kv}-key tile, got page_size {page_size}")
@@ -136,22 +134,23 @@ def unsupported(*, arch: int, q_dtype: str, kv_dtype: str, compute_dtype: str, h
 
 
 def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pages_per_seq: int,
-               page_size: int, dec_q: int):
-    """int32 [T // 64 + S, SLOT_COLUMNS]: per query-block slot b (the Triton prefill's numbering:
-    sequence i owns slots from qsl[i] // 64 + i on), its sequence (-1: no prefill work), first token
+               page_size: int, dec_q: int, block_q: int):
+    """int32 [T // block_q + S, SLOT_COLUMNS]: per query-block slot b of block_q tokens (the Triton
+    prefill's numbering: sequence i owns slots from qsl[i] // block_q + i on; block_q is
+    plan.mosaic_block_rows: 64, or 128 under MHA), its sequence (-1: no prefill work), first token
     tok0 (a multiple of 8: the tiled Q copy moves whole 8-row groups, so a sequence's first block
     starts at the 8-row group holding its first query and skips v0 rows of the previous sequence),
     v0, its valid rows from v0 on, key length, position offset (key position of token t = t +
-    pos_off), and the rows of its aligned chunk [64 b, 64 b + 64) that belong to no sequence (two
-    ranges: start, count). Every value is clamped into the arrays, whatever the metadata holds."""
+    pos_off), and the rows of its aligned chunk [block_q b, block_q (b + 1)) that belong to no
+    sequence (two ranges: start, count). Every value is clamped into the arrays, whatever the metadata holds."""
     t, s = total_tokens, context_lens.shape[0]
-    n_slots = t // BLOCK_Q + s
+    n_slots = t // block_q + s
     num = jnp.clip(num_seqs.reshape(())[()], 0, s)
     qsl = jnp.clip(query_start_loc.astype(jnp.int32), 0, t)
     first = qsl[0]
     last = jnp.clip(qsl[num], first, t)
     idx = jnp.arange(s, dtype=jnp.int32)
-    starts = jnp.where(idx < num, qsl[:s] // BLOCK_Q + idx, jnp.iinfo(jnp.int32).max)
+    starts = jnp.where(idx < num, qsl[:s] // block_q + idx, jnp.iinfo(jnp.int32).max)
     b = jnp.arange(n_slots, dtype=jnp.int32)
     # The last live sequence starting at or before slot b (its start <= b whatever the order).
     seq = jnp.max(jnp.where(starts[None, :] <= b[:, None], idx[None, :], -1), axis=1)
@@ -160,15 +159,15 @@ def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pa
     q_end = jnp.clip(qsl[sc + 1], q_start, t)
     kv_len = jnp.clip(context_lens.astype(jnp.int32)[sc], 0, pages_per_seq * page_size)
     j = b - jnp.minimum(starts[sc], n_slots)                 # block j of its sequence
-    tok0 = q_start // 8 * 8 + j * BLOCK_Q
+    tok0 = q_start // 8 * 8 + j * block_q
     v0 = jnp.where(j == 0, q_start - tok0, 0)
     work = (seq >= 0) & (q_end - q_start > dec_q) & (j >= 0) & (tok0 + v0 < q_end)
-    rows = jnp.clip(q_end - tok0 - v0, 0, BLOCK_Q - v0)
-    z0 = jnp.minimum(b * BLOCK_Q, t)
-    z1 = jnp.minimum(z0 + BLOCK_Q, t)
-    za_n = jnp.clip(jnp.minimum(first, z1) - z0, 0, BLOCK_Q)
+    rows = jnp.clip(q_end - tok0 - v0, 0, block_q - v0)
+    z0 = jnp.minimum(b * block_q, t)
+    z1 = jnp.minimum(z0 + block_q, t)
+    za_n = jnp.clip(jnp.minimum(first, z1) - z0, 0, block_q)
     zb0 = jnp.maximum(last, z0)
-    zb_n = jnp.clip(z1 - zb0, 0, BLOCK_Q)
+    zb_n = jnp.clip(z1 - zb0, 0, block_q)
     cols = (jnp.where(work, sc, -1), jnp.where(work, tok0, 0), jnp.where(work, v0, 0), jnp.where(work, rows, 0),
             kv_len, kv_len - q_end, z0, za_n, jnp.minimum(zb0, t), zb_n)
     return jnp.stack(cols, axis=1).astype(jnp.int32)
@@ -237,18 +236,19 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     conv_q = cdt != dtype
     assert not fp8 or sink_ml.shape[1] == 4, "an fp8 cache's scales travel in the sink table"
     group = num_q_heads // num_kv_heads
-    block_kv, stages = config(head_dim, group)
+    block_kv, stages = config(head_dim)
     cu = min(page_size, block_kv)          # rows per TMA copy
     units = block_kv // cu                 # copies per K (and V) tile
-    # K/V heads per block: the two query heads share one (GQA), or each has its own (MHA, group 1:
-    # the ring holds both heads' tiles, stage s of head k at buffer s * nkv + k).
-    nkv = 2 if group == 1 else 1
+    # MHA (group 1): a block takes 128 tokens of one head, each warpgroup 64 of them (its rows
+    # start r0 = 64 wg tokens into the block); otherwise 64 tokens of two query heads of one KV head.
+    # Either way both warpgroups read the same K/V tiles of one KV head.
+    wide = group == 1
     # Where Q (2 x 64 rows), the K/V ring and the output buffers (2 x 64 rows) do not fit a block
     # (head_dim 256: 256 KB), the output reuses Q's bytes (each warpgroup's own half: it writes O
     # after its last S = Q K^T and zeroes rows before its Q arrives). An fp8 cache (fp8_producer below) also
     # stages two tiles of fp8 K and V (one byte per value) in shared memory.
-    rows = 2 * BLOCK_Q + 2 * stages * nkv * block_kv + 2 * BLOCK_Q
-    staging = 2 * 2 * nkv * block_kv * head_dim if fp8 else 0
+    rows = 2 * BLOCK_Q + 2 * stages * block_kv + 2 * BLOCK_Q
+    staging = 2 * 2 * block_kv * head_dim if fp8 else 0
     o_in_q = rows * head_dim * dtype.itemsize + staging > BLOCK_SMEM
     if window is not None:  # a window past the table's capacity masks nothing (and would overflow int32)
         window = min(window, pages_per_seq * page_size + 1)
@@ -271,7 +271,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             hp = lax.axis_index("hp")
             b = n_slots - 1 - lax.axis_index("slot")
             wg = lax.axis_index("wg")
-            kvh = (2 * hp) // group
+            head0 = hp if wide else 2 * hp   # the block's first query head
+            kvh = head0 // group
             seq = slot_ref[b, 0]
             tok0 = slot_ref[b, 1]
             v0 = slot_ref[b, 2]
@@ -309,14 +310,26 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(224 if fp8 else 232, action="increase")
-            head = 2 * hp + wg
-            kv_buf = wg if nkv == 2 else 0   # this warpgroup's K/V within a ring stage
+            head = head0 if wide else head0 + wg
+            r0 = BLOCK_Q * wg if wide else 0   # this warpgroup's first row in the block
             q_buf = q_smem.at[wg]
             q16_buf = q16_smem.at[wg] if conv_q else None   # Q's bytes as float16 (conv_q)
             q_mma = q16_buf if conv_q else q_buf
             o_buf = o_smem.at[wg]     # untiled: any rows, stored in power-of-two pieces
             ot_buf = ot_smem.at[wg]   # the same bytes tiled and swizzled: a whole 64-row block
             za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
+            if wide:   # this warpgroup zeroes the dead rows of its 64 of the block's 128-row chunk
+                h0 = za0 + r0   # za0: the chunk's first row
+                za0, za_n = h0, _clamp(za_n - r0, 0, BLOCK_Q)
+                zb1 = zb0 + zb_n
+                zb0 = jnp.maximum(zb0, h0)
+                zb_n = jnp.maximum(jnp.minimum(zb1, h0 + BLOCK_Q) - zb0, 0)
+            # This warpgroup's rows of the block's sequence: [lo_r, lo_r + n_out) of the block.
+            if wide:
+                lo_r = jnp.maximum(v0, r0)
+                n_out = _clamp(jnp.minimum(v0 + n_rows, r0 + BLOCK_Q) - lo_r, 0, BLOCK_Q)
+            else:
+                lo_r, n_out = v0, n_rows
 
             @pl.when(za_n + zb_n > 0)
             @jax.named_scope("zero_rows")
@@ -330,7 +343,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             @pl.when(work)
             def _attend():
                 with jax.named_scope("setup"):
-                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tok0, BLOCK_Q), head], q_buf, q_bar.at[wg])
+                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tok0 + r0, BLOCK_Q), head], q_buf, q_bar.at[wg])
                     m0 = sink_ref[head, 0]
                     l0 = sink_ref[head, 1]
                     kq = qk_scale * sink_ref[head, 2] if fp8 else qk_scale   # fp8: k_scale folds in here
@@ -354,7 +367,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     slot = lax.rem(i, jnp.int32(stages))
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_mma, k_smem.at[slot * nkv + kv_buf].transpose((1, 0)))
+                        plgpu.wgmma(acc_ref, q_mma, k_smem.at[slot].transpose((1, 0)))
                         schedule_barrier()
                         return acc_ref[...]
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
@@ -388,7 +401,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         zero_tail_values(t, slot)
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot * nkv + kv_buf])
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
                         nxt = i + 1
 
                         @pl.when(nxt < n_tiles)
@@ -407,7 +420,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     for h in range(block_kv // BLOCK_Q):
                         @pl.when((junk > 0) & (last >= 0) & (last < block_kv) & ((end - 1) // BLOCK_Q == h))
                         def _():
-                            win = v_smem.at[slot * nkv + kv_buf, pl.ds(h * BLOCK_Q, BLOCK_Q)]
+                            win = v_smem.at[slot, pl.ds(h * BLOCK_Q, BLOCK_Q)]
                             vals = win[...]
                             r = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, head_dim), 0,
                                                        layout=plgpu.Layout.WGMMA) + h * BLOCK_Q
@@ -424,7 +437,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     holds key t * block_kv + c except in a partial last unit (kind "partial": the
                     tile t_part), whose columns are shifted by sh."""
                     last = kv_len - 1 - t * block_kv      # the last key's column (any value)
-                    diag = tok0 + pos_off - t * block_kv  # row r sees columns <= r + diag (causal)
+                    diag = tok0 + r0 + pos_off - t * block_kv  # row r sees columns <= r + diag (causal)
 
                     def bounds(s):
                         # Per row, not per score: the visible columns are an interval.
@@ -493,7 +506,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     def untiled():
                         o_buf[...] = o
                         plgpu.commit_smem()
-                        store_rows(o_buf, v0, tok0 + v0, n_rows, head)
+                        store_rows(o_buf, lo_r - r0, tok0 + lo_r, n_out, head)
 
                     if t_total % 8:   # the tiled view moves whole 8-row groups of the output
                         untiled()
@@ -502,13 +515,13 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         # usually) goes out through the swizzled view: stores into the untiled
                         # 256-byte rows put 8 threads of a warp in one bank (an 8-way conflict;
                         # the store phase was ~2.5k cycles per block, NOTES v7).
-                        whole = (v0 == 0) & (n_rows == BLOCK_Q)
+                        whole = (lo_r == r0) & (n_out == BLOCK_Q)
 
                         @pl.when(whole)
                         def _():
                             ot_buf[...] = o
                             plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(ot_buf, out_ref.at[pl.ds(tok0, BLOCK_Q), head])
+                            plgpu.copy_smem_to_gmem(ot_buf, out_ref.at[pl.ds(tok0 + r0, BLOCK_Q), head])
                         pl.when(~whole)(untiled)
             with jax.named_scope("store_wait"):
                 # Until the copies have read shared memory (the block may then exit); their writes
@@ -535,10 +548,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                 # Mosaic splits the index into 8-row groups with unsigned division, exact while it
                 # is a multiple of 8).
                 start = ks % page_size + jnp.where(part < cu, ((part + 7) & ~7) - cu, 0)
-                for k in range(nkv):   # the same rows of each of the block's KV heads
-                    plgpu.copy_gmem_to_smem(
-                        kv_ref.at[page, pl.ds(start, cu), 2 * (kvh + k) + which],
-                        buf.at[slot * nkv + k, pl.ds(u * cu, cu)], bar.at[slot])
+                plgpu.copy_gmem_to_smem(kv_ref.at[page, pl.ds(start, cu), 2 * kvh + which],
+                                        buf.at[slot, pl.ds(u * cu, cu)], bar.at[slot])
 
             for u in range(units):
                 pl.when(warp == u % 4)(functools.partial(issue_unit, u))
@@ -589,8 +600,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                         @pl.when(i >= stages)
                         def _():
                             plgpu.barrier_wait(used.at[slot])
-                        for k in range(nkv):
-                            widen(stg.at[s * nkv + k], ring.at[slot * nkv + k])
+                        widen(stg.at[s], ring.at[slot])
                         plgpu.commit_smem()   # the ring's generic-proxy writes, before wgmma reads them
                         plgpu.barrier_arrive(bar.at[slot])
 
@@ -637,12 +647,12 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         swizzle = plgpu.SwizzleTransform(128)
         tiled = [
             plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages * nkv, block_kv, head_dim), cdt, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages * nkv, block_kv, head_dim), cdt, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, block_kv, head_dim), cdt, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, block_kv, head_dim), cdt, transforms=(tiling, swizzle)),
         ]
         if fp8:   # staging for two tiles of fp8 K and V (one byte per value: swizzle by row bytes)
             f8 = dict(transforms=(tiling, plgpu.SwizzleTransform(64)))
-            tiled += [plgpu.SMEM((2 * nkv, block_kv, head_dim), kv_pages.dtype, **f8)] * 2
+            tiled += [plgpu.SMEM((2, block_kv, head_dim), kv_pages.dtype, **f8)] * 2
         out = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype)   # untiled: stored in 1..64-row pieces
         out_t = plgpu.SMEM((2, BLOCK_Q, head_dim), dtype, transforms=(tiling, swizzle))   # whole blocks
         # Each block writes and reads its output through one of the two views (never across).
@@ -653,10 +663,10 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         else:
             scratch = [*([plgpu.RefUnion(tiled, *q16)] if conv_q else tiled), plgpu.RefUnion(out, out_t)]
         # K/V ring barriers: the TMA copies of a tile arrive on them, or (fp8) the producer once.
-        ring_arrivals = 1 if fp8 else units * nkv
+        ring_arrivals = 1 if fp8 else units
         bars = [plgpu.Barrier(num_arrivals=ring_arrivals, num_barriers=stages)] * 2 + [plgpu.Barrier(num_barriers=2)]
         if fp8:   # the staging buffers' K and V copies
-            bars += [plgpu.Barrier(num_arrivals=units * nkv, num_barriers=2)] * 2
+            bars += [plgpu.Barrier(num_arrivals=units, num_barriers=2)] * 2
         pl.run_scoped(
             lambda *args: body(q_ref, kv_ref, bt_ref, slot_ref, sink_ref, out_ref, args),
             scratch,
@@ -669,7 +679,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     return plgpu.kernel(
         rpa_mosaic_prefill,
         out_type=jax.ShapeDtypeStruct((t_total, num_q_heads, head_dim), dtype),
-        grid=(num_q_heads // 2, n_slots),   # CUDA's x (launched fastest) is the last axis: the slots
+        grid=(mosaic_grid(num_q_heads, group, 0, 0)[0], n_slots),   # CUDA's x (launched fastest) is the last axis: the slots
         grid_names=("hp", "slot"),
         num_threads=3,
         thread_name="wg",
@@ -677,7 +687,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
             # The profiler's buffer (64 entries per warpgroup and block: a 3-entry header, then 2 per
             # event, 4 per scope, so the first 15 scopes; later ones are dropped): where it does not
-            # fit beside the kernel's shared memory (224 KB: fp8 at head_dim 128, fp8 MHA at 64),
+            # fit beside the kernel's shared memory (224 KB: fp8 at head_dim 128),
             # Mosaic GPU refuses it at lowering (tests/test_mosaic.py).
             **(dict(profile_space=64, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),
     )(queries, kv_pages, block_tables, slots, sink_ml)

@@ -33,19 +33,30 @@ PROGRAMS_PER_SM = 4
 MAX_SPLITS = 32
 # The first launch's kernel when the prefill runs in Pallas Mosaic GPU (not a Triton kernel).
 MOSAIC_PREFILL = "mosaic_prefill"
-# Its query tokens per block (one wgmma M per consumer warpgroup).
+# Query tokens per consumer warpgroup (one wgmma M).
 MOSAIC_BLOCK_Q = 64
 
 
-def mosaic_config(head_dim: int, group: int = 2) -> tuple[int, int]:
+def mosaic_block_rows(group: int) -> int:
+    """Query tokens per block of the Mosaic GPU prefill: 64 tokens of two query heads of one KV
+    head (GQA: both warpgroups read the same K/V tiles), or under MHA (group 1) 128 tokens of one
+    head, 64 per warpgroup (the two warpgroups again read one KV head's tiles)."""
+    return 2 * MOSAIC_BLOCK_Q if group == 1 else MOSAIC_BLOCK_Q
+
+
+def mosaic_grid(num_q_heads: int, group: int, total_tokens: int, max_num_seqs: int) -> tuple[int, int]:
+    """The Mosaic GPU prefill's grid: (head pairs, or heads under MHA; query-block slots)."""
+    heads = num_q_heads if group == 1 else num_q_heads // 2
+    return heads, total_tokens // mosaic_block_rows(group) + max_num_seqs
+
+
+def mosaic_config(head_dim: int) -> tuple[int, int]:
     """(keys per tile, ring stages) of the Mosaic GPU prefill: 2 x 64-row Q + stages x (K + V)
-    tiles + 2 x 64-row output buffers stay under the 227 KB of an H100/H200 block. group 1 (MHA:
-    a block's two query heads read two KV heads) holds two heads' K and V per stage. head_dim 256
-    and MHA at head_dim 128 take 64-key tiles; at 256 the output reuses Q's shared memory."""
-    if group == 1 and head_dim <= 64:
-        return (128, 2)   # 16 + 2 x 64 + 16 KB
-    if head_dim > 128 or group == 1:
-        return (64, 2)    # MHA d128: 32 + 2 x 2 x 32 + 32 KB; d256: 64 + 2 x 64 KB (output in Q)
+    tiles + 2 x 64-row output buffers stay under the 227 KB of an H100/H200 block. Every block
+    reads one KV head's tiles (MHA too: mosaic_block_rows). head_dim 256 takes 64-key tiles and
+    its output reuses Q's shared memory."""
+    if head_dim > 128:
+        return (64, 2)    # 64 + 2 x 64 KB (output in Q)
     return (128, 4) if head_dim <= 64 else (128, 2)
 
 # Shared memory a tile may plan on (bytes): under an A100's 164 KB and an H100's 227 KB per block.
@@ -163,9 +174,10 @@ def attention_plan(
     part_shape = (part_rows, dec_q, dims.num_q_heads, d_pad) if splits else (1,)
     ml_shape = (part_rows, dec_q, dims.num_q_heads, 2) if splits else (1,)
     if prefill == "mosaic":
-        block_kv, stages = mosaic_config(dims.head_dim, dims.num_q_heads // dims.num_kv_heads)
+        block_kv, stages = mosaic_config(dims.head_dim)
         first = Launch(
-            MOSAIC_PREFILL, (dims.num_q_heads // 2, dims.total_tokens // MOSAIC_BLOCK_Q + dims.max_num_seqs),
+            MOSAIC_PREFILL, mosaic_grid(dims.num_q_heads, dims.num_q_heads // dims.num_kv_heads, dims.total_tokens,
+                                        dims.max_num_seqs),
             ("queries", "kv_pages", "block_tables", "context_lens", "query_start_loc", "num_seqs",
              "sinks" if sink_shape else UNUSED_IN, "k_scale" if fp8 else UNUSED_IN, "v_scale" if fp8 else UNUSED_IN),
             ("out",), sizes,
