@@ -273,12 +273,12 @@ FP8_CASES = [
     _c("fp8_kv_prefill", [(129, 700), (70, 70), (1, 50)], kv_dtype="float8_e4m3fn", sliding_window=600,
        soft_cap=30.0, extra_tokens=8, interpret=False),
     # head_dim 128 (the Mosaic prefill's output in Q's shared memory beside the staging tiles), and
-    # MHA (two KV heads' fp8 tiles per block)
+    # MHA (128-token blocks of one head: both warpgroups read its fp8 tiles)
     _c("fp8_kv_prefill_d128", [(129, 300), (70, 70), (1, 50)], kv_dtype="float8_e4m3fn", head_dim=128,
        sinks="q_heads", extra_tokens=8, interpret=False),
     _c("fp8_kv_mha_prefill", [(129, 300), (70, 70)], kv_dtype="float8_e4m3fn", num_q_heads=4,
        num_kv_heads=4, sliding_window=150, interpret=False),
-    # fp8 MHA at head_dim 128: the Mosaic prefill's 224 KB variant (output in Q beside the staging tiles)
+    # fp8 MHA at head_dim 128: output in Q beside the staging tiles (224 KB), 128-token blocks
     _c("fp8_kv_mha_prefill_d128", [(129, 300), (70, 70)], kv_dtype="float8_e4m3fn", num_q_heads=4,
        num_kv_heads=4, head_dim=128, soft_cap=30.0, extra_tokens=9, interpret=False),
 ]
