@@ -33,3 +33,10 @@ def test_parse_reads_each_blocks_scopes():
     assert wg0["setup"] == [(2020, 2300)]
     assert wg1["full"] == [(2401, 2901), (2951, 2991)], "a scope entered twice gives two spans"
     assert "full" not in wg2 and wg2["entry"] == [(2002, 2012)]
+
+
+def test_smi_medians_skip_unparsable_samples():
+    lines = ["1755, 612.40", "1980, 700.10", "[N/A], 80.0", "1440, 690.0", "garbage"]
+    mhz, watts = mosaic_trace.smi_medians(lines)
+    assert mhz == 1755.0 and watts == 690.0, "a sample whose clock does not parse is dropped whole"
+    assert all(np.isnan(x) for x in mosaic_trace.smi_medians([]))

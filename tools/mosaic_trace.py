@@ -9,10 +9,13 @@ K tile's wait), stagger, the edge_lo / full / diagonal / partial tile loops, sto
 zero_rows; the producer's fill and stream; branch fp8-trace's fp8 producer also stamps, per tile,
 wait (the staging copy and the ring slot) and widen (conversion, fence, refill), for K and V) and
 prints per workload:
-- the kernel time without the profiler (8 calls in one jit, median of 10 runs, per call);
+- the kernel time without the profiler (8 calls in one jit, median of 10 runs, per call), and the
+  SM clock and board power nvidia-smi reads while those calls run back to back for 1.5 s;
 - per phase and warpgroup: the mean cycles per block and its share of the SMs' time;
 - the loop's cost per K/V tile (a least-squares fit of the loop's cycles on the tiles a block
   visits: cycles = fixed + per_tile * tiles);
+- per SM, the stamped work (min / mean / max over SMs: the load imbalance), and the kernel's span
+  from the first block's start to the last block's end (global timer);
 - per SM, the cycles between one block's last stamp and the next block's first (block exit,
   launch and the kernel's entry: what the SM does no work in), and the SMs' busy share; the SM
   clock rate from the stamps against the global timer (to turn cycles into microseconds). The gaps
@@ -114,6 +117,50 @@ def kernel_us(f, qs: list, reps: int = 10) -> float:
     return float(np.median(ts)) * 1e6 / len(qs)
 
 
+def smi_medians(lines: list[str]) -> tuple[float, float]:
+    """(SM clock MHz, power W): medians of nvidia-smi's "clocks.sm, power.draw" csv samples (NaN
+    where none parse)."""
+    mhz, watts = [], []
+    for line in lines:
+        parts = [x.strip() for x in line.split(",")]
+        try:
+            mhz.append(float(parts[0]))
+            watts.append(float(parts[1]))
+        except (ValueError, IndexError):
+            continue
+    med = (lambda v: float(np.median(v)) if v else float("nan"))
+    return med(mhz), med(watts)
+
+
+def clock_during(f, qs: list, seconds: float = 1.5) -> tuple[float, float]:
+    """The SM clock (MHz) and board power (W) while f runs back to back without the profiler, as
+    in kernel_us: nvidia-smi sampled every 20 ms (the trace's own clock is measured under the
+    profiler, which adds work between blocks). NaN without nvidia-smi."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    import jax
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return float("nan"), float("nan")
+    dev = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    g = jax.jit(lambda qs: [f(q) for q in qs])
+    jax.block_until_ready(g(qs))
+    cmd = [smi, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "20"]
+    proc = subprocess.Popen(cmd + (["-i", dev] if dev.isdigit() else []), stdout=subprocess.PIPE, text=True)
+    try:
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            jax.block_until_ready(g(qs))
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0]
+    return smi_medians(out.splitlines()[2:])   # the first samples may predate the load
+
+
 def one(w: wl.Workload) -> dict:
     import jax
     import jax.numpy as jnp
@@ -140,6 +187,7 @@ def one(w: wl.Workload) -> dict:
               dec_q=decode_tokens(w.num_q_heads // w.num_kv_heads))
     qs = [q * (1 + i / 64) for i in range(8)]
     plain_us = kernel_us(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), qs)
+    plain_mhz, plain_w = clock_during(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), qs)
     got, restore = capture()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,6 +218,11 @@ def one(w: wl.Workload) -> dict:
             rate.append((lst[-1][0] - lst[0][0]) / dt * 1e3)
     mhz = float(np.median(rate)) if rate else float("nan")
     cyc_us = 1.0 / mhz
+    # Stamped work per SM (the sum of its blocks' spans): its spread is the load imbalance; and the
+    # kernel's span in global time, first block's start to last block's end (global timer, ns).
+    sm_busy = np.asarray([sum(b - a for a, b, _, _ in lst) for lst in per_sm.values()], float) * cyc_us
+    t0 = min(s0 for lst in per_sm.values() for _, _, s0, _ in lst)
+    ends = [((s0 - t0) % (1 << 32)) / 1e3 + (b - a) * cyc_us for lst in per_sm.values() for a, b, s0, _ in lst]
     # Phases: mean cycles per block that has the phase, and its share of all SM time.
     phase = {}
     for w_idx, names_ in ((0, CONSUMER), (1, CONSUMER), (2, PRODUCER)):
@@ -197,6 +250,9 @@ def one(w: wl.Workload) -> dict:
             fits[f"wg{w_idx}"] = dict(fixed_cycles=round(float(coef[0])), per_tile_cycles=round(float(coef[1])),
                                       blocks=len(x), mean_tiles=round(float(np.mean(x)), 2))
     return dict(workload=w.name, grid=list(grid), sm_clock_mhz=round(mhz), kernel_us=round(plain_us, 1),
+                # nvidia-smi during the profiler-free calls: their clock turns the stamped cycles into
+                # the kernel's time (what lies outside the stamps at the clock the kernel ran at)
+                sm_clock_mhz_plain=plain_mhz, power_w_plain=plain_w,
                 blocks_traced=sum(len(v) for v in per_sm.values()),
                 sms=len(per_sm), sm_busy_share=round(busy / max(total, 1), 4),
                 gap_between_blocks=dict(mean_cycles=round(float(np.mean(gaps))) if gaps else None,
@@ -204,6 +260,9 @@ def one(w: wl.Workload) -> dict:
                                         mean_us=round(float(np.mean(gaps)) * cyc_us, 3) if gaps else None),
                 blocks_per_sm=round(float(np.mean([len(v) for v in per_sm.values()])), 1),
                 span_per_sm_us=round(total / max(len(per_sm), 1) * cyc_us, 1),
+                sm_busy_us=dict(min=round(float(sm_busy.min()), 1), mean=round(float(sm_busy.mean()), 1),
+                                max=round(float(sm_busy.max()), 1)) if len(sm_busy) else None,
+                kernel_span_us=round(max(ends), 1) if ends else None,
                 loop_fit=fits, phases=phase)
 
 
