@@ -1,11 +1,14 @@
 """Device time per kernel of the JAX door, from the JAX profiler: where a call's time goes.
 
-    python tools/profile_jax.py [-k SUBSTR] [--calls 16]
+    python tools/profile_jax.py [-k SUBSTR] [--calls 16] [--impl auto|triton|mosaic|xla]
 
 For each benchmark workload matching SUBSTR, runs `calls` attention calls inside one jitted
 function under jax.profiler.trace and prints, per kernel name, how many launches and how much
 device time they took, beside the wall time of the whole jitted call: the difference is time the
 GPU sat idle between kernels (launch gaps) or spent in kernels that are not ours (copies).
+With --impl mosaic the Mosaic GPU prefill's device time per launch, against the time
+tools/mosaic_trace.py finds inside its blocks (benchmarks/NOTES.md v15: ~140 us per call outside
+the stamps).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", default="decode_b8_ctx4k")
     ap.add_argument("--calls", type=int, default=16)
+    ap.add_argument("--impl", default="auto", choices=["auto", "triton", "mosaic", "xla"],
+                    help="the implementation argument of every call")
     args = ap.parse_args(argv)
     for w in wl.suite():
         if args.k not in w.name:
@@ -59,7 +64,7 @@ def main(argv=None) -> int:
         def many(qs, kv, ctx, bt, qsl, n):
             return [rpa.ragged_page_attention_v2(q, kv, ctx, bt, qsl, n, sliding_window=w.sliding_window,
                                                  logits_soft_cap=w.soft_cap, softmax_aux=a["softmax_aux"],
-                                                 check_inputs=False) for q in qs]
+                                                 check_inputs=False, implementation=args.impl) for q in qs]
 
         call = (qs, a["kv_pages"], a["context_lens"], a["block_tables"], a["query_start_loc"], n)
         jax.block_until_ready(many(*call))
