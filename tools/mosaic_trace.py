@@ -10,7 +10,9 @@ zero_rows; the producer's fill and stream; branch fp8-trace's fp8 producer also 
 wait (the staging copy and the ring slot) and widen (conversion, fence, refill), for K and V) and
 prints per workload:
 - the kernel time without the profiler (8 calls in one jit, median of 10 runs, per call), and the
-  SM clock and board power nvidia-smi reads while those calls run back to back for 1.5 s;
+  SM clock and board power nvidia-smi reads while those calls run back to back for 1.5 s; the
+  same with each call's output fed to the next as its queries (kernel_us_chained: a small memory
+  footprint);
 - per phase and warpgroup: the mean cycles per block and its share of the SMs' time;
 - the loop's cost per K/V tile (a least-squares fit of the loop's cycles on the tiles a block
   visits: cycles = fixed + per_tile * tiles);
@@ -117,6 +119,30 @@ def kernel_us(f, qs: list, reps: int = 10) -> float:
     return float(np.median(ts)) * 1e6 / len(qs)
 
 
+def chained_us(f, q, calls: int = 8, reps: int = 10) -> float:
+    """us per kernel when each call's output is the next call's queries (one jit, median of reps):
+    two live [T, H, D] arrays at a time instead of kernel_us's eight queries and eight outputs. Set
+    beside kernel_us it says whether the memory a run of calls touches (TLB reach, L2) slows the
+    kernel (NOTES v15: the profiled call ran faster per tile than kernel_us's calls)."""
+    import time
+
+    import jax
+
+    def run(q):
+        for _ in range(calls):
+            q = f(q)
+        return q
+
+    g = jax.jit(run)
+    jax.block_until_ready(g(q))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(g(q))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e6 / calls
+
+
 def smi_medians(lines: list[str]) -> tuple[float, float]:
     """(SM clock MHz, power W): medians of nvidia-smi's "clocks.sm, power.draw" csv samples (NaN
     where none parse)."""
@@ -188,6 +214,7 @@ def one(w: wl.Workload) -> dict:
     qs = [q * (1 + i / 64) for i in range(8)]
     plain_us = kernel_us(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), qs)
     plain_mhz, plain_w = clock_during(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), qs)
+    chain_us = chained_us(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), q)
     got, restore = capture()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -252,7 +279,7 @@ def one(w: wl.Workload) -> dict:
     return dict(workload=w.name, grid=list(grid), sm_clock_mhz=round(mhz), kernel_us=round(plain_us, 1),
                 # nvidia-smi during the profiler-free calls: their clock turns the stamped cycles into
                 # the kernel's time (what lies outside the stamps at the clock the kernel ran at)
-                sm_clock_mhz_plain=plain_mhz, power_w_plain=plain_w,
+                sm_clock_mhz_plain=plain_mhz, power_w_plain=plain_w, kernel_us_chained=round(chain_us, 1),
                 blocks_traced=sum(len(v) for v in per_sm.values()),
                 sms=len(per_sm), sm_busy_share=round(busy / max(total, 1), 4),
                 gap_between_blocks=dict(mean_cycles=round(float(np.mean(gaps))) if gaps else None,
