@@ -103,20 +103,27 @@ def tiles_per_block(w: wl.Workload, tab: np.ndarray, n_hp: int, grid: tuple[int,
     return np.repeat(n[::-1], n_hp)
 
 
-def kernel_us(f, qs: list, reps: int = 10) -> float:
-    """us per kernel: f over distinct query arrays in one jit (so XLA merges none), median of reps."""
+def _median_us(g, arg, calls: int, reps: int) -> float:
+    """us per kernel of the jitted g(arg), which runs `calls` kernels: median of reps, after one
+    warm-up call."""
     import time
 
     import jax
 
-    g = jax.jit(lambda qs: [f(q) for q in qs])
-    jax.block_until_ready(g(qs))
+    jax.block_until_ready(g(arg))
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(g(qs))
+        jax.block_until_ready(g(arg))
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e6 / len(qs)
+    return float(np.median(ts)) * 1e6 / calls
+
+
+def kernel_us(f, qs: list, reps: int = 10) -> float:
+    """us per kernel: f over distinct query arrays in one jit (so XLA merges none), median of reps."""
+    import jax
+
+    return _median_us(jax.jit(lambda qs: [f(q) for q in qs]), qs, len(qs), reps)
 
 
 def chained_us(f, q, calls: int = 8, reps: int = 10) -> float:
@@ -124,8 +131,6 @@ def chained_us(f, q, calls: int = 8, reps: int = 10) -> float:
     two live [T, H, D] arrays at a time instead of kernel_us's eight queries and eight outputs. Set
     beside kernel_us it says whether the memory a run of calls touches (TLB reach, L2) slows the
     kernel (NOTES v15: the profiled call ran faster per tile than kernel_us's calls)."""
-    import time
-
     import jax
 
     def run(q):
@@ -133,14 +138,7 @@ def chained_us(f, q, calls: int = 8, reps: int = 10) -> float:
             q = f(q)
         return q
 
-    g = jax.jit(run)
-    jax.block_until_ready(g(q))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(g(q))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e6 / calls
+    return _median_us(jax.jit(run), q, calls, reps)
 
 
 def smi_medians(lines: list[str]) -> tuple[float, float]:
