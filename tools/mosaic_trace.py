@@ -189,7 +189,7 @@ def one(w: wl.Workload) -> dict:
     import jax
     import jax.numpy as jnp
     from ragged_paged_attention import mosaic_prefill as mp
-    from ragged_paged_attention.plan import mosaic_block_rows, mosaic_grid
+    from ragged_paged_attention.plan import mosaic_block_rows, mosaic_head_blocks
     from ragged_paged_attention.reference import sink_logits
 
     d = wl.build(w, seed=0)
@@ -223,7 +223,7 @@ def one(w: wl.Workload) -> dict:
         restore()
     raw, grid, block, names, entries = got[-1]
     blocks = parse(raw, grid, block, names, entries)
-    n_hp = mosaic_grid(w.num_q_heads, w.num_q_heads // w.num_kv_heads, 0, 0)[0]
+    n_hp = mosaic_head_blocks(w.num_q_heads, w.num_q_heads // w.num_kv_heads)
     tiles = tiles_per_block(w, np.asarray(slots), n_hp, grid)
     # Per SM, blocks in clock order: [first stamp, last stamp] of each (any warpgroup).
     per_sm = {}

@@ -24,7 +24,8 @@ three warpgroups:
   of two query heads of that KV head, or under MHA (one query head per KV head) 64 tokens each of
   the block's 128 tokens of one head (FlashAttention-3's split); both read every K/V tile once,
   compute S = Q K^T and O += P V on the matrix units (wgmma) with an online softmax in the log2
-  domain, and take turns on the matrix units through a schedule barrier (one's softmax overlaps the other's matrix products).
+  domain, and take turns on the matrix units through a schedule barrier (one's softmax overlaps
+  the other's matrix products).
   Masked tiles (the causal diagonal, the window's edge) compare each score's column with its row's
   visible interval; only the tile holding a partial last copy unit (shifted, see above) takes the
   per-score mask.
@@ -69,7 +70,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .plan import MOSAIC_BLOCK_Q as BLOCK_Q
-from .plan import mosaic_grid
+from .plan import mosaic_head_blocks
 from .plan import mosaic_config as config
 
 LOG2E = math.log2(math.e)
@@ -142,7 +143,8 @@ def slot_table(query_start_loc, context_lens, num_seqs, *, total_tokens: int, pa
     starts at the 8-row group holding its first query and skips v0 rows of the previous sequence),
     v0, its valid rows from v0 on, key length, position offset (key position of token t = t +
     pos_off), and the rows of its aligned chunk [block_q b, block_q (b + 1)) that belong to no
-    sequence (two ranges: start, count). Every value is clamped into the arrays, whatever the metadata holds."""
+    sequence (two ranges: start, count). Every value is clamped into the arrays, whatever the
+    metadata holds."""
     t, s = total_tokens, context_lens.shape[0]
     n_slots = t // block_q + s
     num = jnp.clip(num_seqs.reshape(())[()], 0, s)
@@ -318,16 +320,15 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             o_buf = o_smem.at[wg]     # untiled: any rows, stored in power-of-two pieces
             ot_buf = ot_smem.at[wg]   # the same bytes tiled and swizzled: a whole 64-row block
             za0, za_n, zb0, zb_n = slot_ref[b, 6], slot_ref[b, 7], slot_ref[b, 8], slot_ref[b, 9]
-            if wide:   # this warpgroup zeroes the dead rows of its 64 of the block's 128-row chunk
+            # This warpgroup's rows of the block's sequence: [lo_r, lo_r + n_out) of the block.
+            if wide:   # its half of the block's 128 rows, and the dead rows of its half of the chunk
+                lo_r = jnp.maximum(v0, r0)
+                n_out = _clamp(jnp.minimum(v0 + n_rows, r0 + BLOCK_Q) - lo_r, 0, BLOCK_Q)
                 h0 = za0 + r0   # za0: the chunk's first row
                 za0, za_n = h0, _clamp(za_n - r0, 0, BLOCK_Q)
                 zb1 = zb0 + zb_n
                 zb0 = jnp.maximum(zb0, h0)
                 zb_n = jnp.maximum(jnp.minimum(zb1, h0 + BLOCK_Q) - zb0, 0)
-            # This warpgroup's rows of the block's sequence: [lo_r, lo_r + n_out) of the block.
-            if wide:
-                lo_r = jnp.maximum(v0, r0)
-                n_out = _clamp(jnp.minimum(v0 + n_rows, r0 + BLOCK_Q) - lo_r, 0, BLOCK_Q)
             else:
                 lo_r, n_out = v0, n_rows
 
@@ -679,7 +680,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     return plgpu.kernel(
         rpa_mosaic_prefill,
         out_type=jax.ShapeDtypeStruct((t_total, num_q_heads, head_dim), dtype),
-        grid=(mosaic_grid(num_q_heads, group, 0, 0)[0], n_slots),   # CUDA's x (launched fastest) is the last axis: the slots
+        # CUDA's x (launched fastest) is the last axis: the slots
+        grid=(mosaic_head_blocks(num_q_heads, group), n_slots),
         grid_names=("hp", "slot"),
         num_threads=3,
         thread_name="wg",

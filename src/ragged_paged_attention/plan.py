@@ -44,10 +44,14 @@ def mosaic_block_rows(group: int) -> int:
     return 2 * MOSAIC_BLOCK_Q if group == 1 else MOSAIC_BLOCK_Q
 
 
+def mosaic_head_blocks(num_q_heads: int, group: int) -> int:
+    """The Mosaic GPU prefill grid's head axis: pairs of query heads, or under MHA single heads."""
+    return num_q_heads if group == 1 else num_q_heads // 2
+
+
 def mosaic_grid(num_q_heads: int, group: int, total_tokens: int, max_num_seqs: int) -> tuple[int, int]:
-    """The Mosaic GPU prefill's grid: (head pairs, or heads under MHA; query-block slots)."""
-    heads = num_q_heads if group == 1 else num_q_heads // 2
-    return heads, total_tokens // mosaic_block_rows(group) + max_num_seqs
+    """The Mosaic GPU prefill's grid: (mosaic_head_blocks, query-block slots)."""
+    return mosaic_head_blocks(num_q_heads, group), total_tokens // mosaic_block_rows(group) + max_num_seqs
 
 
 def mosaic_config(head_dim: int) -> tuple[int, int]:
