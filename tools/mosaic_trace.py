@@ -12,7 +12,9 @@ prints per workload:
 - the kernel time without the profiler (8 calls in one jit, median of 10 runs, per call), and the
   SM clock and board power nvidia-smi reads while those calls run back to back for 1.5 s; the
   same with each call's output fed to the next as its queries (kernel_us_chained: a small memory
-  footprint);
+  footprint). Runs back to back hold the GPU at its power cap, where nvidia-smi's clock is higher
+  than the cycles per microsecond the kernel gets: stamped cycles converted at it fall ~20 % short
+  of kernel_us (benchmarks/NOTES.md v16; tools/power_draw.py, tools/profile_jax.py --warm);
 - per phase and warpgroup: the mean cycles per block and its share of the SMs' time;
 - the loop's cost per K/V tile (a least-squares fit of the loop's cycles on the tiles a block
   visits: cycles = fixed + per_tile * tiles);
