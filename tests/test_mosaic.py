@@ -238,6 +238,17 @@ def test_profiler_lowers_where_its_buffer_fits(d, kvh, fits, tmp_path):
     assert ("exceeds available shared memory" in str(err.value)) != fits, str(err.value)[:300]
 
 
+@needs_tested_jax
+def test_trace_loop_lowers_beside_bfloat16_at_head_dim_128(tmp_path):
+    """tools/mosaic_trace.py --loop: five more scopes per tile in a 4x profiler buffer (12 KB) still
+    fit beside the bfloat16 kernel at head_dim 128 (198.7 KB), its largest bfloat16 configuration."""
+    with pytest.raises((ValueError, NotImplementedError)) as err:   # the host callback, as above
+        _export_prefill(256, 128, 16, None, None, False, 4, "bfloat16", "bfloat16", profile_dir=str(tmp_path),
+                        trace_loop=True)
+    assert "exceeds available shared memory" not in str(err.value), str(err.value)[:300]
+    assert "platform" in str(err.value) or isinstance(err.value, NotImplementedError), str(err.value)[:300]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["chunked_prefill", "sinks_window_softcap"])  # the second: window, cap, sinks
 def test_as_torch_kernel_runs_the_prefill_on_torch_tensors(name):

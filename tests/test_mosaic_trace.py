@@ -40,3 +40,26 @@ def test_smi_medians_skip_unparsable_samples():
     mhz, watts = mosaic_trace.smi_medians(lines)
     assert mhz == 1755.0 and watts == 690.0, "a sample whose clock does not parse is dropped whole"
     assert all(np.isnan(x) for x in mosaic_trace.smi_medians([]))
+
+
+def test_tile_phases_skip_the_fill_and_the_last_tile():
+    # One block, warpgroups 0 and 1 alike: six tiles of period 100 (tile 3: 130), phases 10 / 20 /
+    # 30 / 15 / 5 cycles from each tile's start; warpgroup 2 (the producer) has no tile phases.
+    def wg(offset):
+        sp, t = {k: [] for k in mosaic_trace.TILE}, offset
+        for i in range(6):
+            c = t
+            for k, d in zip(mosaic_trace.TILE, (10, 20, 30, 15, 5)):
+                sp[k].append((c, c + d))
+                c += d
+            t += 130 if i == 3 else 100
+        return sp
+    blocks = [(0, 0, [wg(1000), wg(1050), {}])]
+    got = mosaic_trace.tile_phases(blocks)
+    assert set(got) == {"wg0", "wg1"}
+    g = got["wg0"]
+    assert g["tiles"] == 3, "tiles 2, 3 and 4: not the first two (the ring's fill), not the last"
+    assert g["qk"]["mean"] == 10 and g["softmax"]["mean"] == 30 and g["pv"]["mean"] == 5
+    assert g["period"]["mean"] == round((100 + 130 + 100) / 3)
+    assert g["rest"]["mean"] == round((20 + 50 + 20) / 3), "the period less its five stamped phases"
+    assert mosaic_trace.tile_phases([(0, 0, [{}, {}, {}])]) == {}, "a trace without tile phases: nothing"

@@ -46,6 +46,32 @@ from ragged_paged_attention.plan import decode_tokens  # noqa: E402
 
 CONSUMER = ("entry", "zero_rows", "setup", "stagger", "edge_lo", "full", "diagonal", "partial", "store", "store_wait")
 PRODUCER = ("entry", "fill", "stream", "wait", "widen")   # wait, widen: the fp8 producer, per tile
+TILE = ("qk", "s_wait", "softmax", "turn", "pv")   # --loop: each tile's phases (mosaic_prefill's trace_loop)
+
+
+def tile_phases(blocks, skip: int = 2) -> dict:
+    """--loop: per consumer warpgroup, the mean and p90 cycles of each tile phase and of the tile's
+    period (one qk start to the next), over the tiles of every block but its first `skip` and its
+    last (the ring's fill and the block's diagonal and store); "rest" is the period less its stamped
+    phases (the scope edges' own stamps, the ring's arrivals)."""
+    out = {}
+    for w_idx in (0, 1):
+        acc = {k: [] for k in TILE + ("period", "rest")}
+        for _, _, wgs in blocks:
+            sp = wgs[w_idx]
+            n = min(len(sp.get(k, [])) for k in TILE)
+            starts = [a for a, _ in sp.get("qk", [])]
+            for t in range(skip, n - 1):
+                per = starts[t + 1] - starts[t]
+                durs = {k: sp[k][t][1] - sp[k][t][0] for k in TILE}
+                for k, v in durs.items():
+                    acc[k].append(v)
+                acc["period"].append(per)
+                acc["rest"].append(per - sum(durs.values()))
+        if acc["period"]:
+            out[f"wg{w_idx}"] = {k: dict(mean=round(float(np.mean(v))), p90=round(float(np.percentile(v, 90))))
+                                 for k, v in acc.items()} | {"tiles": len(acc["period"])}
+    return out
 
 
 def capture():
@@ -187,7 +213,7 @@ def clock_during(f, qs: list, seconds: float = 1.5) -> tuple[float, float]:
     return smi_medians(out.splitlines()[2:])   # the first samples may predate the load
 
 
-def one(w: wl.Workload) -> dict:
+def one(w: wl.Workload, trace_loop: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     from ragged_paged_attention import mosaic_prefill as mp
@@ -219,7 +245,8 @@ def one(w: wl.Workload) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(2):  # the second call's trace: a warm L2 and TLB, as in a run of calls
-                jax.block_until_ready(mp.prefill(q, kv, bt, slots, sink_ml, profile_dir=tmp, **kw))
+                jax.block_until_ready(mp.prefill(q, kv, bt, slots, sink_ml, profile_dir=tmp, trace_loop=trace_loop,
+                                                 **kw))
             jax.effects_barrier()
     finally:
         restore()
@@ -290,7 +317,7 @@ def one(w: wl.Workload) -> dict:
                 sm_busy_us=dict(min=round(float(sm_busy.min()), 1), mean=round(float(sm_busy.mean()), 1),
                                 max=round(float(sm_busy.max()), 1)) if len(sm_busy) else None,
                 kernel_span_us=round(max(ends), 1) if ends else None,
-                loop_fit=fits, phases=phase)
+                loop_fit=fits, phases=phase, **(dict(tile_phases=tile_phases(blocks)) if trace_loop else {}))
 
 
 def main(argv=None) -> int:
@@ -300,6 +327,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, help="the workloads at this head_dim (named ...@d<N>)")
     p.add_argument("--fp8", action="store_true", help="the workloads with a float8_e4m3fn cache (row@fp8); "
                    "the profiler fits beside fp8 GQA at head_dim 64 only (--head-dim 64)")
+    p.add_argument("--loop", action="store_true", help="also stamp each tile's phases (qk, s_wait, softmax, turn, "
+                   "pv) and report them per warpgroup (tile_phases); the stamps slow the loop itself")
     args = p.parse_args(argv)
     names = args.k.split(",")
     rows = []
@@ -309,7 +338,7 @@ def main(argv=None) -> int:
                 w = wl.fp8_cache(w)
             if args.head_dim:
                 w = dataclasses.replace(w, name=f"{w.name}@d{args.head_dim}", head_dim=args.head_dim)
-            r = one(w)
+            r = one(w, trace_loop=args.loop)
             rows.append(r)
             print(json.dumps(r, indent=1), flush=True)
     if args.json:

@@ -62,6 +62,7 @@ shared memory (head_dim 256; an fp8 cache at head_dim 128), the output buffers r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -208,14 +209,19 @@ def _tanh(y):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "num_kv_heads", "page_size", "sm_scale", "soft_cap", "window", "dec_q", "profile_dir"))
+    "num_kv_heads", "page_size", "sm_scale", "soft_cap", "window", "dec_q", "profile_dir", "trace_loop"))
 def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: int, page_size: int,
             sm_scale: float, soft_cap: float | None, window: int | None, dec_q: int,
-            profile_dir: str | None = None):
+            profile_dir: str | None = None, trace_loop: bool = False):
     """Output [T, num_q_heads, head_dim] of the prefill blocks (rows of no sequence zeroed; rows of
     decode sequences left for the decode launch). slots: slot_table(...); sink_ml: sink_table(...).
     profile_dir: write a timeline of each block's phases there, per warpgroup (Mosaic GPU's
-    on-device profiler; the kernel's named scopes; tools/mosaic_trace.py reads it)."""
+    on-device profiler; the kernel's named scopes; tools/mosaic_trace.py reads it). trace_loop (with
+    profile_dir): also stamp each tile's phases in the consumer warpgroups (qk: the S = Q K^T issue
+    and the turn it waits for; s_wait: S's completion; softmax; turn: the wait for V and for the
+    other warpgroup; pv: the P V issue and the next K tile's wait), in a larger profiler buffer:
+    where a tile's cycles go (tools/mosaic_trace.py --loop, benchmarks/NOTES.md v16)."""
+    assert profile_dir or not trace_loop, "trace_loop stamps into the profiler's buffer: give profile_dir"
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -302,6 +308,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
+        def tile_scope(name: str):   # trace_loop: a tile phase's stamps; otherwise nothing
+            return jax.named_scope(name) if trace_loop else contextlib.nullcontext()
+
         def store_rows(src, src0, row0, n, head):
             """out[row0:row0+n, head] = src[src0:src0+n] (n <= 64) in power-of-two TMA pieces."""
             for k in (64, 32, 16, 8, 4, 2, 1):
@@ -368,46 +377,47 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
                     slot = lax.rem(i, jnp.int32(stages))
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_mma, k_smem.at[slot].transpose((1, 0)))
-                        schedule_barrier()
-                        return acc_ref[...]
+                        with tile_scope("qk"):
+                            plgpu.wgmma(acc_ref, q_mma, k_smem.at[slot].transpose((1, 0)))
+                            schedule_barrier()
+                        with tile_scope("s_wait"):
+                            return acc_ref[...]
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
                     plgpu.barrier_arrive(k_used.at[slot])
-                    if soft_cap is not None:
-                        s = _tanh(s * kq) * (soft_cap * LOG2E)
-                        scale = 1.0
-                    else:
-                        scale = kq
-                    if masked:
-                        s = mask(s, t, masked)
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
-                    p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    alpha = jnp.exp2(m_i - m_new)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    l_i = l_i * alpha
-                    p16 = p.astype(cdt)
-
-                    def end_softmax():
+                    with tile_scope("softmax"):
+                        if soft_cap is not None:
+                            s = _tanh(s * kq) * (soft_cap * LOG2E)
+                            scale = 1.0
+                        else:
+                            scale = kq
+                        if masked:
+                            s = mask(s, t, masked)
+                        m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+                        p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                        alpha = jnp.exp2(m_i - m_new)
+                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                        l_i = l_i * alpha
+                        p16 = p.astype(cdt)
+                        if head_dim <= 128:
+                            l_i = l_i + p.sum(axis=1)
+                            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                    with tile_scope("turn"):   # V's tile, and the other warpgroup's turn
                         plgpu.barrier_arrive(sched)
                         plgpu.barrier_wait(v_bar.at[slot])
                         plgpu.barrier_wait(sched)
-                    if head_dim <= 128:
-                        l_i = l_i + p.sum(axis=1)
-                        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                        end_softmax()
-                    else:
-                        end_softmax()
+                    if head_dim > 128:
                         l_i = l_i + p.sum(axis=1)
                     if masked == "partial":   # only the partial unit's tile copies slots past kv_len
                         zero_tail_values(t, slot)
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                        nxt = i + 1
+                        with tile_scope("pv"):
+                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                            nxt = i + 1
 
-                        @pl.when(nxt < n_tiles)
-                        def _():
-                            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+                            @pl.when(nxt < n_tiles)
+                            def _():
+                                plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_used.at[slot])
                     return acc, m_new, l_i
@@ -687,9 +697,11 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
-            # The profiler's buffer (64 entries per warpgroup and block: a 3-entry header, then 2 per
-            # event, 4 per scope, so the first 15 scopes; later ones are dropped): where it does not
-            # fit beside the kernel's shared memory (224 KB: fp8 at head_dim 128),
-            # Mosaic GPU refuses it at lowering (tests/test_mosaic.py).
-            **(dict(profile_space=64, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),
+            # The profiler's buffer: profile_space scopes per warpgroup and block (4 entries each
+            # after a 3-entry header; later ones are dropped): 64 (3 KB of shared memory) for the
+            # block-level scopes, 256 (12 KB) with trace_loop's five scopes per tile. Where it does
+            # not fit beside the kernel's shared memory (224 KB: fp8 at head_dim 128), Mosaic GPU
+            # refuses it at lowering (tests/test_mosaic.py).
+            **(dict(profile_space=256 if trace_loop else 64, profile_dir=profile_dir, profile_bounds_check=True)
+               if profile_dir else {})),
     )(queries, kv_pages, block_tables, slots, sink_ml)
