@@ -1,6 +1,6 @@
 """Where the Mosaic GPU prefill's time goes, block by block: its on-device timeline, summarised.
 
-    python tools/mosaic_trace.py [-k prefill_b8_2k,...] [--head-dim N] [--fp8] [--json OUT.json]
+    python tools/mosaic_trace.py [-k prefill_b8_2k,...] [--head-dim N] [--fp8] [--loop] [--json OUT.json]
                                                                       (Hopper GPU, jax 0.11.2)
 
 Runs the kernel once with Mosaic GPU's on-device profiler (mosaic_prefill.prefill(profile_dir=...):
@@ -24,6 +24,9 @@ prints per workload:
   launch and the kernel's entry: what the SM does no work in), and the SMs' busy share; the SM
   clock rate from the stamps against the global timer (to turn cycles into microseconds). The gaps
   include the profiler's own epilogue (each warpgroup's events copied to global memory).
+- with --loop (the kernel's trace_loop build: five more scopes per tile), per consumer warpgroup
+  each tile's phases, qk / s_wait / softmax / turn / pv, and its period (tile_phases; the stamps
+  lengthen the tile by ~15 %; benchmarks/NOTES.md v16: a tile is the two softmaxes in series).
 The profiler's raw buffer is read directly (ProfilerSpec.dump is wrapped): the SM clock of every
 stamp, so the gaps between blocks on one SM are exact. Issue 16's question: what the ~5 us per
 block that a fit of v5's timings found (benchmarks/NOTES.md v5) is made of.

@@ -1,7 +1,7 @@
 """Device time per kernel of the JAX door, from the JAX profiler: where a call's time goes.
 
     python tools/profile_jax.py [-k PATTERN] [--calls 16] [--impl auto|triton|mosaic|xla] [--timeline]
-                                  [--warm SECONDS]
+                                  [--warm SECONDS] [--idle SECONDS]
 
 For each benchmark workload whose name PATTERN matches (re.search, as benchmarks/run.py's -k:
 "prefill_b8_2k$" is that row alone), runs `calls` attention calls inside one jitted function under
@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", type=float, default=0.0, metavar="SECONDS",
                     help="run the calls back to back this long before the traced run: the kernels' time under "
                          "sustained load (the clock a busy GPU holds), against the traced run of an idle GPU")
+    ap.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                    help="sleep this long before the traced run (after --warm): the first call after an idle spell, "
+                         "as a lightly loaded server's")
     args = ap.parse_args(argv)
     for w in wl.suite():
         if not re.search(args.k, w.name):
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
         t_end = time.perf_counter() + args.warm
         while time.perf_counter() < t_end:
             jax.block_until_ready(many(*call))
+        time.sleep(args.idle)
         with tempfile.TemporaryDirectory() as d:
             with jax.profiler.trace(d):
                 t0 = time.perf_counter()
