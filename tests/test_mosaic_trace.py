@@ -45,11 +45,11 @@ def test_smi_medians_skip_unparsable_samples():
 def test_tile_phases_skip_the_fill_and_the_last_tile():
     # One block, warpgroups 0 and 1 alike: six tiles of period 100 (tile 3: 130), phases 10 / 20 /
     # 30 / 15 / 5 cycles from each tile's start; warpgroup 2 (the producer) has no tile phases.
-    def wg(offset):
-        sp, t = {k: [] for k in mosaic_trace.TILE}, offset
+    def wg(offset, names=("qk", "s_wait", "softmax", "turn", "pv")):
+        sp, t = {k: [] for k in names}, offset
         for i in range(6):
             c = t
-            for k, d in zip(mosaic_trace.TILE, (10, 20, 30, 15, 5)):
+            for k, d in zip(names, (10, 20, 30, 15, 5)):
                 sp[k].append((c, c + d))
                 c += d
             t += 130 if i == 3 else 100
@@ -63,3 +63,8 @@ def test_tile_phases_skip_the_fill_and_the_last_tile():
     assert g["period"]["mean"] == round((100 + 130 + 100) / 3)
     assert g["rest"]["mean"] == round((20 + 50 + 20) / 3), "the period less its five stamped phases"
     assert mosaic_trace.tile_phases([(0, 0, [{}, {}, {}])]) == {}, "a trace without tile phases: nothing"
+    # A build that stamps other phases (branch overlap-s: softmax, turn, gemms): the period runs
+    # from the first of them present in TILE's order.
+    other = mosaic_trace.tile_phases([(0, 0, [wg(0, ("softmax", "turn", "gemms")), {}, {}])])
+    assert set(other) == {"wg0"} and set(other["wg0"]) == {"softmax", "turn", "gemms", "period", "rest", "tiles"}
+    assert other["wg0"]["softmax"]["mean"] == 10 and other["wg0"]["rest"]["mean"] == round((40 + 70 + 40) / 3)

@@ -49,24 +49,28 @@ from ragged_paged_attention.plan import decode_tokens  # noqa: E402
 
 CONSUMER = ("entry", "zero_rows", "setup", "stagger", "edge_lo", "full", "diagonal", "partial", "store", "store_wait")
 PRODUCER = ("entry", "fill", "stream", "wait", "widen")   # wait, widen: the fp8 producer, per tile
-TILE = ("qk", "s_wait", "softmax", "turn", "pv")   # --loop: each tile's phases (mosaic_prefill's trace_loop)
+TILE = ("qk", "s_wait", "softmax", "turn", "pv", "gemms")   # --loop: the tile phases a trace_loop build stamps
 
 
 def tile_phases(blocks, skip: int = 2) -> dict:
-    """--loop: per consumer warpgroup, the mean and p90 cycles of each tile phase and of the tile's
-    period (one qk start to the next), over the tiles of every block but its first `skip` and its
-    last (the ring's fill and the block's diagonal and store); "rest" is the period less its stamped
-    phases (the scope edges' own stamps, the ring's arrivals)."""
+    """--loop: per consumer warpgroup, the mean and p90 cycles of each tile phase the build stamps
+    (those of TILE present in every traced tile) and of the tile's period (one tile's first phase's
+    start to the next tile's), over the tiles of every block but its first `skip` and its last (the
+    ring's fill and the block's diagonal and store); "rest" is the period less its stamped phases
+    (the scope edges' own stamps, the ring's arrivals)."""
     out = {}
     for w_idx in (0, 1):
-        acc = {k: [] for k in TILE + ("period", "rest")}
+        names = [k for k in TILE if any(k in wgs[w_idx] for _, _, wgs in blocks)]
+        acc = {k: [] for k in names + ["period", "rest"]}
         for _, _, wgs in blocks:
             sp = wgs[w_idx]
-            n = min(len(sp.get(k, [])) for k in TILE)
-            starts = [a for a, _ in sp.get("qk", [])]
+            if not names or any(k not in sp for k in names):
+                continue
+            n = min(len(sp[k]) for k in names)
+            starts = [a for a, _ in sp[names[0]]]
             for t in range(skip, n - 1):
                 per = starts[t + 1] - starts[t]
-                durs = {k: sp[k][t][1] - sp[k][t][0] for k in TILE}
+                durs = {k: sp[k][t][1] - sp[k][t][0] for k in names}
                 for k, v in durs.items():
                     acc[k].append(v)
                 acc["period"].append(per)
