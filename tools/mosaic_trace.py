@@ -191,25 +191,34 @@ def smi_medians(lines: list[str]) -> tuple[float, float]:
     return med(mhz), med(watts)
 
 
+def smi_sampler(query: str, period_ms: int):
+    """nvidia-smi sampling `query` (csv, no header or units) every period_ms on the GPU JAX uses
+    (CUDA_VISIBLE_DEVICES' first), as a running process; None without nvidia-smi."""
+    import os
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    dev = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    cmd = [smi, f"--query-gpu={query}", "--format=csv,noheader,nounits", "-lms", str(period_ms)]
+    return subprocess.Popen(cmd + (["-i", dev] if dev.isdigit() else []), stdout=subprocess.PIPE, text=True)
+
+
 def clock_during(f, qs: list, seconds: float = 1.5) -> tuple[float, float]:
     """The SM clock (MHz) and board power (W) while f runs back to back without the profiler, as
     in kernel_us: nvidia-smi sampled every 20 ms (the trace's own clock is measured under the
     profiler, which adds work between blocks). NaN without nvidia-smi."""
-    import os
-    import shutil
-    import subprocess
     import time
 
     import jax
 
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return float("nan"), float("nan")
-    dev = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     g = jax.jit(lambda qs: [f(q) for q in qs])
     jax.block_until_ready(g(qs))
-    cmd = [smi, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "20"]
-    proc = subprocess.Popen(cmd + (["-i", dev] if dev.isdigit() else []), stdout=subprocess.PIPE, text=True)
+    proc = smi_sampler("clocks.sm,power.draw", 20)
+    if proc is None:
+        return float("nan"), float("nan")
     try:
         t_end = time.perf_counter() + seconds
         while time.perf_counter() < t_end:

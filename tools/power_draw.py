@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,19 +32,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import run as br  # noqa: E402  (benchmarks/run.py)
 from benchmarks import workloads as wl  # noqa: E402
+from mosaic_trace import smi_sampler  # noqa: E402  (tools/mosaic_trace.py)
 
 POWER_CAP = 0x4   # clocks_event_reasons.active bit: SW Power Cap
 
 
 def sampler():
-    """Start nvidia-smi sampling (SM clock, power, event reasons) every 50 ms; None without it."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    dev = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
-    cmd = [smi, "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active", "--format=csv,noheader,nounits",
-           "-lms", "50"] + (["-i", dev] if dev.isdigit() else [])
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    """nvidia-smi sampling the SM clock, power and event reasons every 50 ms; None without it."""
+    return smi_sampler("clocks.sm,power.draw,clocks_throttle_reasons.active", 50)
 
 
 def parse_samples(lines: list[str]) -> list[tuple[float, float, int]]:
