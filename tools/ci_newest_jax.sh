@@ -13,13 +13,17 @@ if [ -z "$PY" ]; then
   echo "no Python 3.12 on this machine: the newest-JAX job cannot run" >&2
   exit 1
 fi
-VENV=$(mktemp -d)/venv
+# Everything this job writes (the ~1.3 GB environment, the Triton caches) goes under one temporary
+# folder that is removed on exit: repeated local runs of .ci/run once filled a disk with them.
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+VENV=$WORK/venv
 "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q jax "triton>=3.5,<3.7" pytest hypothesis pytest-xdist -e . 2>&1 | grep -v '^WARNING' || true
 "$VENV/bin/python" -c "import jax, triton; print('newest JAX job: jax', jax.__version__, 'triton', triton.__version__)"
 "$VENV/bin/python" -m pytest -q -n 2 -p no:cacheprovider tests/test_plan.py tests/test_validation.py tests/test_mosaic.py \
   tests/test_attention.py tests/test_poison.py -k "xla or not (interpret or jax-triton or torch)"
-TRITON_CACHE_DIR=$(mktemp -d) "$VENV/bin/python" tests/lower_for_cuda.py | "$VENV/bin/python" -c '
+TRITON_CACHE_DIR=$WORK/triton-newest "$VENV/bin/python" tests/lower_for_cuda.py | "$VENV/bin/python" -c '
 import json, sys
 r = json.load(sys.stdin)
 assert r["kernels_one_bucket"] == r["kernels_all_buckets"] == 4, r
@@ -29,7 +33,7 @@ print("lowered the Triton path for CUDA on jax", r["jax"], "-", len(r["buckets"]
 TESTED=$("$VENV/bin/python" -c "from ragged_paged_attention.mosaic_prefill import TESTED_JAX; print('.'.join(map(str, TESTED_JAX[0])))")
 "$VENV/bin/pip" install -q "jax==$TESTED" "jaxlib==$TESTED" 2>&1 | grep -v '^WARNING' || true
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -o addopts= tests/test_mosaic.py
-TRITON_CACHE_DIR=$(mktemp -d) "$VENV/bin/python" tests/lower_for_cuda.py | "$VENV/bin/python" -c '
+TRITON_CACHE_DIR=$WORK/triton-tested "$VENV/bin/python" tests/lower_for_cuda.py | "$VENV/bin/python" -c '
 import json, sys
 r = json.load(sys.stdin)
 assert r["mosaic"] == {"triton_calls": 2, "mosaic_calls": 1}, r
