@@ -14,9 +14,11 @@ v18). `--loop N` lists that group in program order as segments: each wait, barri
 instruction or shuffle on its own line with its samples and main stall reasons, and the plain
 instructions between them summed (their opcodes counted).
 
-Samples are counts of one sampling interval per SM sub-partition, taken over all resident warps:
-compare shares within one report, or per-iteration counts (samples / executions) between two
-kernels with the same warps per SM and the same interval (both in the report's header).
+A sample stands for one sampling interval of one SM sub-partition (8192 cycles in session 18's
+reports), given to one of the warps resident there. So a warp's count is its time divided by the
+number of warps resident with it at that point: a region where a kernel's producer warp has already
+exited counts higher. Compare shares within one report, and per-iteration counts (samples /
+executions) between kernels only where the same warps are resident (benchmarks/NOTES.md v18).
 """
 
 from __future__ import annotations
