@@ -40,7 +40,8 @@ MARKERS = ("HGMMA", "WARPGROUP", "SYNCS", "BAR", "BRA", "SHFL", "MEMBAR", "WARPS
 def read(path: Path) -> tuple[str, list[dict]]:
     """The kernel's name and one dict per SASS instruction: address, sass, samples, executed and
     the stall reasons (all samples, issued or not) with a non-zero count."""
-    rows = list(csv.reader(path.open()))
+    with path.open() as f:
+        rows = list(csv.reader(f))
     name = rows[0][1] if rows and rows[0] and rows[0][0] == "Kernel Name" else ""
     header = rows[1] if name else rows[0]
     ix = {h: i for i, h in enumerate(header)}
@@ -52,7 +53,7 @@ def read(path: Path) -> tuple[str, list[dict]]:
         num = lambda h: int(float(r[ix[h]] or 0))  # noqa: E731
         out.append(dict(address=r[ix["Address"]], sass=r[ix["Source"]].strip(), samples=num(SAMPLES),
                         executed=num(EXECUTED),
-                        stalls={s[6:]: num(s) for s in stalls if num(s)}))
+                        stalls={s[6:]: v for s in stalls if (v := num(s))}))
     return name, out
 
 
