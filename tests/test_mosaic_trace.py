@@ -68,3 +68,20 @@ def test_tile_phases_skip_the_fill_and_the_last_tile():
     other = mosaic_trace.tile_phases([(0, 0, [wg(0, ("softmax", "turn", "gemms")), {}, {}])])
     assert set(other) == {"wg0"} and set(other["wg0"]) == {"softmax", "turn", "gemms", "period", "rest", "tiles"}
     assert other["wg0"]["softmax"]["mean"] == 10 and other["wg0"]["rest"]["mean"] == round((40 + 70 + 40) / 3)
+
+
+def test_tiles_per_block_follows_the_launch_order():
+    """The profiler numbers blocks x-major over CUDA's grid: with the head pairs fastest (CUDA's x)
+    block hp * slots + s is slot axis s of head pair hp, which takes the table's row slots - 1 - s."""
+    from benchmarks import workloads as wl
+
+    w = wl.Workload("t", [(64, 256)], head_dim=128, num_q_heads=4, num_kv_heads=2)
+    tab = np.zeros((3, 10), np.int64)
+    tab[:, 1] = [0, 64, 128]
+    tab[:, 3] = 64
+    tab[:, 5] = [0, 64, 128]   # rows at positions 0..63, 128..191, 256..319: 1, 2, 3 tiles
+    assert mosaic_trace.tiles_per_block(w, tab, n_hp=2).tolist() == [1, 2, 3]
+    heads = mosaic_trace.tiles_per_block(w, tab, n_hp=2, grid=(2, 3, 1), heads_fastest=True)
+    slots = mosaic_trace.tiles_per_block(w, tab, n_hp=2, grid=(3, 2, 1), heads_fastest=False)
+    assert heads.tolist() == [3, 2, 1, 3, 2, 1]
+    assert slots.tolist() == [3, 3, 2, 2, 1, 1]

@@ -120,10 +120,12 @@ def parse(raw, grid, block, names, entries):
     return out
 
 
-def tiles_per_block(w: wl.Workload, tab: np.ndarray, n_hp: int, grid: tuple[int, ...] = ()):
+def tiles_per_block(w: wl.Workload, tab: np.ndarray, n_hp: int, grid: tuple[int, ...] = (),
+                    heads_fastest: bool = True):
     """The K/V tiles each block visits (tab: the kernel's slot table), by the profiler's block index
-    ((x * grid_y + y) * grid_z + z over CUDA's grid: x is the kernel's "slot" axis s, which takes the
-    table's row slots - 1 - s, y the head pair); per table row when grid is empty."""
+    ((x * grid_y + y) * grid_z + z over CUDA's grid: with heads_fastest, mosaic_prefill's order, x is
+    the head pair and y the kernel's "slot" axis s, which takes the table's row slots - 1 - s;
+    otherwise x is the slot axis); per table row when grid is empty."""
     from ragged_paged_attention.plan import mosaic_config
 
     block_kv, _ = mosaic_config(w.head_dim)
@@ -134,6 +136,9 @@ def tiles_per_block(w: wl.Workload, tab: np.ndarray, n_hp: int, grid: tuple[int,
     n = np.where(seq >= 0, (hi + block_kv - 1) // block_kv - lo // block_kv, 0)
     if not grid:
         return n
+    if heads_fastest:
+        assert tuple(grid[:2]) == (n_hp, len(n)), (grid, n_hp, len(n))
+        return np.tile(n[::-1], n_hp)
     assert tuple(grid[:2]) == (len(n), n_hp), (grid, n_hp, len(n))
     return np.repeat(n[::-1], n_hp)
 
@@ -269,7 +274,7 @@ def one(w: wl.Workload, trace_loop: bool = False) -> dict:
     raw, grid, block, names, entries = got[-1]
     blocks = parse(raw, grid, block, names, entries)
     n_hp = mosaic_head_blocks(w.num_q_heads, w.num_q_heads // w.num_kv_heads)
-    tiles = tiles_per_block(w, np.asarray(slots), n_hp, grid)
+    tiles = tiles_per_block(w, np.asarray(slots), n_hp, grid, mp.HEADS_FASTEST)
     # Per SM, blocks in clock order: [first stamp, last stamp] of each (any warpgroup).
     per_sm = {}
     for bi, (sm, start_ns, wgs) in enumerate(blocks):

@@ -34,11 +34,13 @@ three warpgroups:
 
 Batch sizes are run-time values: the slot table (``slot_table``, one small XLA fusion per call)
 maps each slot to its sequence, first token, valid rows and key length, and the rows of no sequence
-each slot must zero. The grid is (head pairs, T // 64 + max_num_seqs) with the slots reversed (the
+each slot must zero. The grid is (T // 64 + max_num_seqs, head pairs) with the slots reversed (the
 last, heaviest causal blocks of each sequence first). Mosaic GPU makes the last grid axis CUDA's x,
-which the hardware launches first: the slots go out fastest, head pair by head pair, so the blocks
-that run together are neighbouring slots of one head pair, reading one sequence's K/V of one KV
-head through L2 (tools/mosaic_trace.py shows the order). Sequences with at most DEC_Q queries are
+which the hardware launches first: the head pairs go out fastest, slot by slot, so the blocks that
+run together are a few neighbouring slots of one sequence, all its KV heads (~8 MB of K/V at
+prefill_b8_2k, well inside L2), and each head pair's heaviest slots go out in the first waves
+instead of the last head pair's coming last (benchmarks/NOTES.md v19: the slots-fastest order left
+the last wave waiting on them; tools/mosaic_trace.py shows the order). Sequences with at most DEC_Q queries are
 left to the Triton decode launch, which writes their rows into this kernel's output in place.
 
 Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
@@ -81,6 +83,7 @@ BLOCK_SMEM = 227 * 1024      # shared memory of one H100/H200 block
 # changes between releases; other versions take the Triton prefill).
 TESTED_JAX = ((0, 11, 2), (0, 12))
 SLOT_COLUMNS = 10  # slot table: seq, tok0, v0, rows, kv_len, pos_off, za0, za_n, zb0, zb_n
+HEADS_FASTEST = True  # the grid's launch order: every head pair of a slot, then the next slot
 
 
 def _jax_version() -> tuple[int, ...]:
@@ -690,9 +693,9 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     return plgpu.kernel(
         rpa_mosaic_prefill,
         out_type=jax.ShapeDtypeStruct((t_total, num_q_heads, head_dim), dtype),
-        # CUDA's x (launched fastest) is the last axis: the slots
-        grid=(mosaic_head_blocks(num_q_heads, group), n_slots),
-        grid_names=("hp", "slot"),
+        # CUDA's x (launched fastest) is the last axis: the head pairs (HEADS_FASTEST)
+        grid=(n_slots, mosaic_head_blocks(num_q_heads, group)),
+        grid_names=("slot", "hp"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
