@@ -159,10 +159,10 @@ def test_mosaic_prefill_replaces_only_the_first_launch():
     triton, mosaic = plan_for(d), plan_for(d, prefill="mosaic", sliding_window=100, logits_soft_cap=30.0)
     first = mosaic.launches[0]
     assert first.kernel == MOSAIC_PREFILL and first.outputs == ("out",)
-    assert first.grid == (32 // 2, 512 // MOSAIC_BLOCK_Q + 64)
+    assert first.grid == (512 // MOSAIC_BLOCK_Q + 64, 32 // 2)
     # MHA: one head a block, 128 tokens (64 a consumer warpgroup)
     mha = plan_for(dims(512, 64, kv_heads=32), prefill="mosaic").launches[0]
-    assert mha.grid == (32, 512 // (2 * MOSAIC_BLOCK_Q) + 64)
+    assert mha.grid == (512 // (2 * MOSAIC_BLOCK_Q) + 64, 32)
     c = first.constexpr_dict
     assert (c["WINDOW"], c["SOFT_CAP"], c["SINKS"], c["BLOCK_KV"]) == (100, 30.0, False, mosaic_config(128)[0])
     assert mosaic.launches[1:] == plan_for(d, sliding_window=100, logits_soft_cap=30.0).launches[1:]

@@ -50,8 +50,9 @@ def mosaic_head_blocks(num_q_heads: int, group: int) -> int:
 
 
 def mosaic_grid(num_q_heads: int, group: int, total_tokens: int, max_num_seqs: int) -> tuple[int, int]:
-    """The Mosaic GPU prefill's grid: (mosaic_head_blocks, query-block slots)."""
-    return mosaic_head_blocks(num_q_heads, group), total_tokens // mosaic_block_rows(group) + max_num_seqs
+    """The Mosaic GPU prefill's grid: (query-block slots, mosaic_head_blocks), the head blocks
+    launched fastest (mosaic_prefill.HEADS_FASTEST)."""
+    return total_tokens // mosaic_block_rows(group) + max_num_seqs, mosaic_head_blocks(num_q_heads, group)
 
 
 def mosaic_config(head_dim: int) -> tuple[int, int]:
