@@ -213,3 +213,13 @@ def test_a_defaulted_constexpr_is_never_a_runtime_parameter(monkeypatch):
     assert rt.full_constexprs("k", (("A", 1), ("B", 5))) == {"A": 1, "B": 5}
     with pytest.raises(ValueError, match="constexpr A has no default"):
         rt.full_constexprs("k", ())
+
+
+def test_mosaic_grid_order_keeps_the_slots_under_cudas_y_limit():
+    """The head blocks go out fastest (CUDA's x is the last axis), unless the slots would then
+    exceed CUDA's y limit; then the slots take x."""
+    from ragged_paged_attention.plan import GRID_Y_MAX, mosaic_grid_order
+
+    assert mosaic_grid_order(264, 16) == ((264, 16), ("slot", "hp"))
+    assert mosaic_grid_order(GRID_Y_MAX, 16) == ((GRID_Y_MAX, 16), ("slot", "hp"))
+    assert mosaic_grid_order(GRID_Y_MAX + 1, 16) == ((16, GRID_Y_MAX + 1), ("hp", "slot"))

@@ -238,7 +238,7 @@ def one(w: wl.Workload, trace_loop: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     from ragged_paged_attention import mosaic_prefill as mp
-    from ragged_paged_attention.plan import mosaic_block_rows, mosaic_head_blocks
+    from ragged_paged_attention.plan import mosaic_block_rows, mosaic_grid_order, mosaic_head_blocks
     from ragged_paged_attention.reference import sink_logits
 
     d = wl.build(w, seed=0)
@@ -274,7 +274,8 @@ def one(w: wl.Workload, trace_loop: bool = False) -> dict:
     raw, grid, block, names, entries = got[-1]
     blocks = parse(raw, grid, block, names, entries)
     n_hp = mosaic_head_blocks(w.num_q_heads, w.num_q_heads // w.num_kv_heads)
-    tiles = tiles_per_block(w, np.asarray(slots), n_hp, grid, mp.HEADS_FASTEST)
+    order = mosaic_grid_order(len(slots), n_hp)[1]
+    tiles = tiles_per_block(w, np.asarray(slots), n_hp, grid, heads_fastest=order[-1] == "hp")
     # Per SM, blocks in clock order: [first stamp, last stamp] of each (any warpgroup).
     per_sm = {}
     for bi, (sm, start_ns, wgs) in enumerate(blocks):

@@ -36,12 +36,13 @@ Batch sizes are run-time values: the slot table (``slot_table``, one small XLA f
 maps each slot to its sequence, first token, valid rows and key length, and the rows of no sequence
 each slot must zero. The grid is (T // 64 + max_num_seqs, head pairs) with the slots reversed (the
 last, heaviest causal blocks of each sequence first). Mosaic GPU makes the last grid axis CUDA's x,
-which the hardware launches first: the head pairs go out fastest, slot by slot, so the blocks that
-run together are a few neighbouring slots of one sequence, all its KV heads (~8 MB of K/V at
-prefill_b8_2k, well inside L2), and each head pair's heaviest slots go out in the first waves
-instead of the last head pair's coming last (benchmarks/NOTES.md v19: the slots-fastest order left
-the last wave waiting on them; tools/mosaic_trace.py shows the order). Sequences with at most DEC_Q queries are
-left to the Triton decode launch, which writes their rows into this kernel's output in place.
+which the hardware launches first (plan.mosaic_grid_order): the head pairs go out fastest, slot by
+slot. So the blocks that run together are a few neighbouring slots of one sequence for all its KV
+heads (~8 MB of K/V at prefill_b8_2k, well inside L2), and each head pair's heaviest slots go out
+in the first waves. With the slots fastest, the last wave waited on the last head pair's heaviest
+slots (tools/schedule_model.py --mosaic, benchmarks/NOTES.md v19). Sequences with at most DEC_Q
+queries are left to the Triton decode launch, which writes their rows into this kernel's output in
+place.
 
 Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
 groups; a sequence's first block computes up to 7 rows of the previous sequence and drops them).
@@ -73,7 +74,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .plan import MOSAIC_BLOCK_Q as BLOCK_Q
-from .plan import mosaic_head_blocks
+from .plan import mosaic_grid_order, mosaic_head_blocks
 from .plan import mosaic_config as config
 
 LOG2E = math.log2(math.e)
@@ -83,7 +84,6 @@ BLOCK_SMEM = 227 * 1024      # shared memory of one H100/H200 block
 # changes between releases; other versions take the Triton prefill).
 TESTED_JAX = ((0, 11, 2), (0, 12))
 SLOT_COLUMNS = 10  # slot table: seq, tok0, v0, rows, kv_len, pos_off, za0, za_n, zb0, zb_n
-HEADS_FASTEST = True  # the grid's launch order: every head pair of a slot, then the next slot
 
 
 def _jax_version() -> tuple[int, ...]:
@@ -234,6 +234,7 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     num_pages = kv_pages.shape[0]
     pages_per_seq = block_tables.shape[1]
     n_slots = slots.shape[0]
+    grid_shape, grid_names = mosaic_grid_order(n_slots, mosaic_head_blocks(num_q_heads, num_q_heads // num_kv_heads))
     dtype = queries.dtype
     fp8 = kv_pages.dtype == jnp.float8_e4m3fn
     # The MMAs' operand dtype. An fp8 cache multiplies in float16 whatever the queries' dtype: e4m3
@@ -693,9 +694,8 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     return plgpu.kernel(
         rpa_mosaic_prefill,
         out_type=jax.ShapeDtypeStruct((t_total, num_q_heads, head_dim), dtype),
-        # CUDA's x (launched fastest) is the last axis: the head pairs (HEADS_FASTEST)
-        grid=(n_slots, mosaic_head_blocks(num_q_heads, group)),
-        grid_names=("slot", "hp"),
+        grid=grid_shape,   # plan.mosaic_grid
+        grid_names=grid_names,
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(

@@ -49,10 +49,23 @@ def mosaic_head_blocks(num_q_heads: int, group: int) -> int:
     return num_q_heads if group == 1 else num_q_heads // 2
 
 
+HEADS_FASTEST = True  # the Mosaic prefill's launch order: every head block of a slot, then the next slot
+GRID_Y_MAX = 65535    # CUDA's limit on a grid's y (and z) extent; x takes up to 2^31 - 1
+
+
+def mosaic_grid_order(n_slots: int, head_blocks: int) -> tuple[tuple[int, int], tuple[str, str]]:
+    """The Mosaic GPU prefill's grid and axis names. Mosaic GPU makes the last axis CUDA's x,
+    launched fastest: the head blocks (HEADS_FASTEST), unless the slots would then exceed CUDA's y
+    limit (a bucket of over ~4.2M query tokens), where the slots take x instead."""
+    if HEADS_FASTEST and n_slots <= GRID_Y_MAX:
+        return (n_slots, head_blocks), ("slot", "hp")
+    return (head_blocks, n_slots), ("hp", "slot")
+
+
 def mosaic_grid(num_q_heads: int, group: int, total_tokens: int, max_num_seqs: int) -> tuple[int, int]:
-    """The Mosaic GPU prefill's grid: (query-block slots, mosaic_head_blocks), the head blocks
-    launched fastest (mosaic_prefill.HEADS_FASTEST)."""
-    return total_tokens // mosaic_block_rows(group) + max_num_seqs, mosaic_head_blocks(num_q_heads, group)
+    """The Mosaic GPU prefill's grid (mosaic_grid_order): query-block slots and head blocks."""
+    slots = total_tokens // mosaic_block_rows(group) + max_num_seqs
+    return mosaic_grid_order(slots, mosaic_head_blocks(num_q_heads, group))[0]
 
 
 def mosaic_config(head_dim: int) -> tuple[int, int]:
