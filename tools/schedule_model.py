@@ -34,19 +34,26 @@ from benchmarks import workloads as wl  # noqa: E402
 DEC_Q = 16  # sequences with at most this many queries go to the decode launch (plan.py)
 
 
-def program_tiles(w: wl.Workload, block_rows: int, tile_n: int) -> list[int]:
-    """Tiles per prefill program in launch order (slot b = T // BLOCK_Q + S - 1 down to 0, heads fastest)."""
-    group = w.num_q_heads // w.num_kv_heads
-    block_q = block_rows // group
+def slot_tiles(w: wl.Workload, block_q: int, tile_n: int, window: int | None = None) -> list[int]:
+    """K/V tiles per query-block slot of block_q tokens, in slot-table order (sequence i's slots
+    start at its first token // block_q + i; 0: a slot without prefill work). window: keys before
+    a slot's first row's window are skipped by whole tiles, as the Mosaic prefill does."""
     slots = [0] * (w.total_tokens // block_q + w.num_seqs)
     start = 0
     for i, (q, kv) in enumerate(w.pairs):
         if q > DEC_Q:
             first = start // block_q + i
             for j in range(-(-q // block_q)):
+                lo = max(kv - q + j * block_q - window + 1, 0) // tile_n if window else 0
                 last_pos = kv - q + min((j + 1) * block_q, q) - 1
-                slots[first + j] = -(-(last_pos + 1) // tile_n)
+                slots[first + j] = -(-(last_pos + 1) // tile_n) - lo
         start += q
+    return slots
+
+
+def program_tiles(w: wl.Workload, block_rows: int, tile_n: int) -> list[int]:
+    """Tiles per prefill program in launch order (slot b = T // BLOCK_Q + S - 1 down to 0, heads fastest)."""
+    slots = slot_tiles(w, block_rows // (w.num_q_heads // w.num_kv_heads), tile_n)
     return [t for t in reversed(slots) for _ in range(w.num_kv_heads)]
 
 
@@ -55,18 +62,7 @@ def mosaic_slot_tiles(w: wl.Workload) -> list[int]:
     from ragged_paged_attention.plan import mosaic_block_rows, mosaic_config
 
     group = w.num_q_heads // w.num_kv_heads
-    block_q, tile_n = mosaic_block_rows(group), mosaic_config(w.head_dim)[0]
-    slots = [0] * (w.total_tokens // block_q + w.num_seqs)
-    start = 0
-    for i, (q, kv) in enumerate(w.pairs):
-        if q > DEC_Q:
-            first = start // block_q + i
-            for j in range(-(-q // block_q)):
-                lo = max(kv - q + j * block_q - w.sliding_window + 1, 0) // tile_n if w.sliding_window else 0
-                last_pos = kv - q + min((j + 1) * block_q, q) - 1
-                slots[first + j] = -(-(last_pos + 1) // tile_n) - lo
-        start += q
-    return slots
+    return slot_tiles(w, mosaic_block_rows(group), mosaic_config(w.head_dim)[0], w.sliding_window)
 
 
 def mosaic_orders(w: wl.Workload, c0: float, item: float) -> dict[str, list[float]]:
