@@ -39,6 +39,8 @@ def test_smi_medians_skip_unparsable_samples():
     lines = ["1755, 612.40", "1980, 700.10", "[N/A], 80.0", "1440, 690.0", "garbage"]
     mhz, watts = mosaic_trace.smi_medians(lines)
     assert mhz == 1755.0 and watts == 690.0, "a sample whose clock does not parse is dropped whole"
+    mhz, watts = mosaic_trace.smi_medians(["1755, 612.40", "1200, [N/A]", "1980, 700.10"])
+    assert (mhz, watts) == (1867.5, 656.25), "so is one whose power does not parse"
     assert all(np.isnan(x) for x in mosaic_trace.smi_medians([]))
 
 

@@ -159,11 +159,16 @@ def _median_us(g, arg, calls: int, reps: int) -> float:
     return float(np.median(ts)) * 1e6 / calls
 
 
-def kernel_us(f, qs: list, reps: int = 10) -> float:
-    """us per kernel: f over distinct query arrays in one jit (so XLA merges none), median of reps."""
+def in_one_jit(f):
+    """f over a list of distinct query arrays, in one jit (so XLA merges none of the calls)."""
     import jax
 
-    return _median_us(jax.jit(lambda qs: [f(q) for q in qs]), qs, len(qs), reps)
+    return jax.jit(lambda qs: [f(q) for q in qs])
+
+
+def kernel_us(many, qs: list, reps: int = 10) -> float:
+    """us per kernel: many = in_one_jit(f) over qs, median of reps."""
+    return _median_us(many, qs, len(qs), reps)
 
 
 def chained_us(f, q, calls: int = 8, reps: int = 10) -> float:
@@ -181,19 +186,28 @@ def chained_us(f, q, calls: int = 8, reps: int = 10) -> float:
     return _median_us(jax.jit(run), q, calls, reps)
 
 
+def smi_rows(lines: list[str], *parsers) -> list[tuple]:
+    """nvidia-smi's csv samples: per line, its first len(parsers) columns each through its parser
+    (float, or int(x, 16) for a hex bit field); a line where any of them does not parse is dropped
+    whole."""
+    out = []
+    for line in lines:
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) < len(parsers):
+            continue
+        try:
+            out.append(tuple(p(x) for p, x in zip(parsers, parts)))
+        except ValueError:
+            continue
+    return out
+
+
 def smi_medians(lines: list[str]) -> tuple[float, float]:
     """(SM clock MHz, power W): medians of nvidia-smi's "clocks.sm, power.draw" csv samples (NaN
     where none parse)."""
-    mhz, watts = [], []
-    for line in lines:
-        parts = [x.strip() for x in line.split(",")]
-        try:
-            mhz.append(float(parts[0]))
-            watts.append(float(parts[1]))
-        except (ValueError, IndexError):
-            continue
+    rows = smi_rows(lines, float, float)
     med = (lambda v: float(np.median(v)) if v else float("nan"))
-    return med(mhz), med(watts)
+    return med([m for m, _ in rows]), med([w for _, w in rows])
 
 
 def smi_sampler(query: str, period_ms: int):
@@ -211,15 +225,14 @@ def smi_sampler(query: str, period_ms: int):
     return subprocess.Popen(cmd + (["-i", dev] if dev.isdigit() else []), stdout=subprocess.PIPE, text=True)
 
 
-def clock_during(f, qs: list, seconds: float = 1.5) -> tuple[float, float]:
-    """The SM clock (MHz) and board power (W) while f runs back to back without the profiler, as
-    in kernel_us: nvidia-smi sampled every 20 ms (the trace's own clock is measured under the
-    profiler, which adds work between blocks). NaN without nvidia-smi."""
+def clock_during(g, qs: list, seconds: float = 1.5) -> tuple[float, float]:
+    """The SM clock (MHz) and board power (W) while g = in_one_jit(f) runs back to back without the
+    profiler, as in kernel_us: nvidia-smi sampled every 20 ms (the trace's own clock is measured
+    under the profiler, which adds work between blocks). NaN without nvidia-smi."""
     import time
 
     import jax
 
-    g = jax.jit(lambda qs: [f(q) for q in qs])
     jax.block_until_ready(g(qs))
     proc = smi_sampler("clocks.sm,power.draw", 20)
     if proc is None:
@@ -259,9 +272,12 @@ def one(w: wl.Workload, trace_loop: bool = False) -> dict:
               soft_cap=w.soft_cap, window=w.sliding_window,
               dec_q=decode_tokens(w.num_q_heads // w.num_kv_heads))
     qs = [q * (1 + i / 64) for i in range(8)]
-    plain_us = kernel_us(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), qs)
-    plain_mhz, plain_w = clock_during(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), qs)
-    chain_us = chained_us(lambda x: mp.prefill(x, kv, bt, slots, sink_ml, **kw), q)
+    def call(x):
+        return mp.prefill(x, kv, bt, slots, sink_ml, **kw)
+    many = in_one_jit(call)   # one compile for both measurements
+    plain_us = kernel_us(many, qs)
+    plain_mhz, plain_w = clock_during(many, qs)
+    chain_us = chained_us(call, q)
     got, restore = capture()
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import run as br  # noqa: E402  (benchmarks/run.py)
 from benchmarks import workloads as wl  # noqa: E402
-from mosaic_trace import smi_sampler  # noqa: E402  (tools/mosaic_trace.py)
+from mosaic_trace import smi_rows, smi_sampler  # noqa: E402  (tools/mosaic_trace.py)
 
 POWER_CAP = 0x4   # clocks_event_reasons.active bit: SW Power Cap
 
@@ -44,14 +44,7 @@ def sampler():
 
 def parse_samples(lines: list[str]) -> list[tuple[float, float, int]]:
     """(SM clock MHz, power W, event-reason bits) of each "clock, power, 0x..." line that parses."""
-    out = []
-    for line in lines:
-        parts = [x.strip() for x in line.split(",")]
-        try:
-            out.append((float(parts[0]), float(parts[1]), int(parts[2], 16)))
-        except (ValueError, IndexError):
-            continue
-    return out
+    return smi_rows(lines, float, float, lambda x: int(x, 16))
 
 
 def samples(proc) -> list[tuple[float, float, int]]:
