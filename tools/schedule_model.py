@@ -16,9 +16,10 @@ the order issue 15 proposes. A ratio of 1.00 means no order can do better than t
 The same model for the Mosaic GPU prefill's grid (benchmarks/NOTES.md v19): blocks of
 plan.mosaic_block_rows query rows of one head pair (one head under MHA), 128-key tiles (64 at
 head_dim 256), cost c0 + tiles (one SM holds one block). Four orders, as makespans relative to
-today's (slots fastest, each head pair's slots last first) and as the SMs' idle share: the head
-pairs fastest; and blocks of two neighbouring slots (branch pair-items: cost c0 + item + both
-slots' tiles, item the second slot's own fixed cost) in either order.
+the slots fastest (each head pair's slots last first: the kernel's order until v20) and as the SMs'
+idle share: the head pairs fastest (the kernel's order since v20, plan.mosaic_grid_order); and
+blocks of two neighbouring slots (branch pair-items: cost c0 + item + both slots' tiles, item the
+second slot's own fixed cost) in either order.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def mosaic_slot_tiles(w: wl.Workload) -> list[int]:
 
 
 def mosaic_orders(w: wl.Workload, c0: float, item: float) -> dict[str, list[float]]:
-    """Block costs in launch order: today's (slots fastest), heads fastest, and the paired grids."""
+    """Block costs in launch order: slots fastest, heads fastest (the kernel's), and the paired grids."""
     from ragged_paged_attention.plan import mosaic_head_blocks
 
     heads = mosaic_head_blocks(w.num_q_heads, w.num_q_heads // w.num_kv_heads)
@@ -74,7 +75,7 @@ def mosaic_orders(w: wl.Workload, c0: float, item: float) -> dict[str, list[floa
     one = [c0 + t for t in rev]
     pad = rev if len(rev) % 2 == 0 else [0] + rev   # the kernel's dead pad row comes first
     two = [c0 + item + a + b for a, b in zip(pad[0::2], pad[1::2])]
-    return {"today": [c for _ in range(heads) for c in one], "heads_fastest": [c for c in one for _ in range(heads)],
+    return {"slots_fastest": [c for _ in range(heads) for c in one], "heads_fastest": [c for c in one for _ in range(heads)],
             "pairs": [c for _ in range(heads) for c in two], "pairs_heads_fastest": [c for c in two for _ in range(heads)]}
 
 
@@ -93,14 +94,14 @@ def main(argv=None) -> int:
     ap.add_argument("--item", type=float, default=0.6, help="--mosaic: the second slot's fixed cost in a paired block")
     args = ap.parse_args(argv)
     if args.mosaic:
-        names = ("today", "heads_fastest", "pairs", "pairs_heads_fastest")
+        names = ("slots_fastest", "heads_fastest", "pairs", "pairs_heads_fastest")
         print(f"{'workload':28} {'c0':>4} " + " ".join(f"{n:>26}" for n in names))
         for w in wl.suite():
             if "@" in w.name or max(q for q, _ in w.pairs) <= DEC_Q:
                 continue
             for c0 in (float(x) for x in args.c0.split(",")):
                 orders = mosaic_orders(w, c0, args.item)
-                base = makespan(orders["today"], args.sms)
+                base = makespan(orders["slots_fastest"], args.sms)
                 cells = []
                 for n in names:
                     m = makespan(orders[n], args.sms)

@@ -40,9 +40,9 @@ which the hardware launches first (plan.mosaic_grid_order): the head pairs go ou
 slot. So the blocks that run together are a few neighbouring slots of one sequence for all its KV
 heads (~8 MB of K/V at prefill_b8_2k, well inside L2), and each head pair's heaviest slots go out
 in the first waves. With the slots fastest, the last wave waited on the last head pair's heaviest
-slots (tools/schedule_model.py --mosaic, benchmarks/NOTES.md v19). Sequences with at most DEC_Q
-queries are left to the Triton decode launch, which writes their rows into this kernel's output in
-place.
+slots (tools/schedule_model.py --mosaic, benchmarks/NOTES.md v19; v20 measured MHA at head_dim 64
+4-8 % faster, the GQA rows level). Sequences with at most DEC_Q queries are left to the Triton
+decode launch, which writes their rows into this kernel's output in place.
 
 Q blocks start on 8-row boundaries (TMA through the tiled shared-memory view moves whole 8-row
 groups; a sequence's first block computes up to 7 rows of the previous sequence and drops them).
