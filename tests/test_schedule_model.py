@@ -44,7 +44,7 @@ def test_mosaic_orders_follow_the_mosaic_grid():
     assert sm.mosaic_slot_tiles(w) == [1, 1, 0, 3, 0]
     o = sm.mosaic_orders(w, c0=1.0, item=0.5)
     rev = [1.0, 4.0, 1.0, 2.0, 2.0]                      # c0 + tiles, the slots last first
-    assert o["slots_fastest"] == rev * 4                          # each head pair's slots in turn
+    assert o["slots_fastest"] == rev * 4                  # each head pair's slots in turn
     assert o["heads_fastest"] == [c for c in rev for _ in range(4)]
     # pairs: a dead pad row first (5 slots), then neighbours: (pad, 4), (3, 2), (1, 0)
     assert o["pairs"] == [1.5, 4.5, 3.5] * 4
