@@ -234,7 +234,6 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
     num_pages = kv_pages.shape[0]
     pages_per_seq = block_tables.shape[1]
     n_slots = slots.shape[0]
-    grid_shape, grid_names = mosaic_grid_order(n_slots, mosaic_head_blocks(num_q_heads, num_q_heads // num_kv_heads))
     dtype = queries.dtype
     fp8 = kv_pages.dtype == jnp.float8_e4m3fn
     # The MMAs' operand dtype. An fp8 cache multiplies in float16 whatever the queries' dtype: e4m3
@@ -691,10 +690,12 @@ def prefill(queries, kv_pages, block_tables, slots, sink_ml, *, num_kv_heads: in
             collective_axes="wg",
         )
 
+    grid_shape, grid_names = mosaic_grid_order(n_slots, mosaic_head_blocks(num_q_heads, group))
     return plgpu.kernel(
         rpa_mosaic_prefill,
         out_type=jax.ShapeDtypeStruct((t_total, num_q_heads, head_dim), dtype),
-        grid=grid_shape,   # plan.mosaic_grid
+        # CUDA's x, launched fastest, is the last axis (plan.mosaic_grid_order picks which)
+        grid=grid_shape,
         grid_names=grid_names,
         num_threads=3,
         thread_name="wg",

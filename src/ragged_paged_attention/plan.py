@@ -49,15 +49,15 @@ def mosaic_head_blocks(num_q_heads: int, group: int) -> int:
     return num_q_heads if group == 1 else num_q_heads // 2
 
 
-HEADS_FASTEST = True  # the Mosaic prefill's launch order: every head block of a slot, then the next slot
-GRID_Y_MAX = 65535    # CUDA's limit on a grid's y (and z) extent; x takes up to 2^31 - 1
+GRID_Y_MAX = 65535  # CUDA's limit on a grid's y (and z) extent; x takes up to 2^31 - 1
 
 
 def mosaic_grid_order(n_slots: int, head_blocks: int) -> tuple[tuple[int, int], tuple[str, str]]:
     """The Mosaic GPU prefill's grid and axis names. Mosaic GPU makes the last axis CUDA's x,
-    launched fastest: the head blocks (HEADS_FASTEST), unless the slots would then exceed CUDA's y
-    limit (a bucket of over ~4.2M query tokens), where the slots take x instead."""
-    if HEADS_FASTEST and n_slots <= GRID_Y_MAX:
+    launched fastest: the head blocks (every head block of a slot, then the next slot), unless the
+    slots would then exceed CUDA's y limit (a bucket of over ~4.2M query tokens), where the slots
+    take x instead."""
+    if n_slots <= GRID_Y_MAX:
         return (n_slots, head_blocks), ("slot", "hp")
     return (head_blocks, n_slots), ("hp", "slot")
 
